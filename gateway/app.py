@@ -1,0 +1,194 @@
+"""The gateway's ASGI application: routing, authentication and forwarding.
+
+The request hot path is plain ASGI: a dictionary lookup for the gateway's own
+routes, the key header read, one HMAC, one cache lookup and the forward.
+Everything that can be computed once is computed in `GatewayApp.__init__`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.authenticator import Authenticator, Identity
+from gateway.config import Config
+from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
+from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
+from gateway.proxy import UpstreamProxy
+from gateway.responses import send_error, send_json, unauthorized_headers
+from gateway.store import TokenStore
+from gateway.usage import UsageRecorder
+
+logger = logging.getLogger(__name__)
+audit_logger = logging.getLogger("gateway.audit")
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+STORE_UNAVAILABLE_MESSAGE = "Authentication is temporarily unavailable, retry later"
+
+
+class GatewayApp:
+    """The ASGI application; `config` is final, `event_listeners` go to the MongoDB client."""
+
+    def __init__(self, config: Config, event_listeners: Sequence[Any] = ()) -> None:
+        self.config = config
+        self.store = TokenStore.connect(config.store.uri, config.store, event_listeners)
+        self.authenticator = Authenticator(self.store, config.tokens.secret, config.cache)
+        self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
+        self.upstream = UpstreamProxy(config.upstream) if config.upstream.url else None
+        self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
+        self.header_policy = RequestHeaderPolicy(
+            config.auth.user_header, config.auth.header, config.upstream.forward_api_key, self.trusted_proxies
+        )
+        self.key_header = config.auth.header.lower().encode()
+        self.require_key = config.auth.require_key
+        self.routes = {
+            config.logging.health_path: self.health,
+            config.logging.ready_path: self.ready,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle_http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self.reject_websocket(scope, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"])
+        if route is not None:
+            await route(scope, receive, send)
+            return
+
+        identity = await self.identify(scope, send)
+        if identity is False:
+            return
+        await self.forward(scope, receive, send, identity)
+
+    async def identify(self, scope: Scope, send: Send) -> Identity | None | bool:
+        """Return the identity of the request, None when anonymous, False when answered already."""
+        headers = scope["headers"]
+        try:
+            raw_key = read_key_header(headers, self.key_header)
+            if raw_key is None or not raw_key.strip():
+                if self.require_key:
+                    raise AuthenticationFailed(AuthFailureReason.MISSING)
+                return None
+            identity = await self.authenticator.authenticate(_decode_key(raw_key))
+        except KeyHeaderError:
+            await self.reject(scope, send, AuthFailureReason.INVALID)
+            return False
+        except AuthenticationFailed as exc:
+            await self.reject(scope, send, exc.reason)
+            return False
+        except StoreUnavailable as exc:
+            logger.error("Rejected %s %s with 503 because the token store is unavailable: %s", scope["method"], scope["path"], exc)
+            await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
+            return False
+
+        self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
+        return identity
+
+    async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
+        client = scope.get("client")
+        audit_logger.info(
+            "Authentication failed: reason=%s client=%s method=%s path=%s",
+            reason.value,
+            client[0] if client else "-",
+            scope["method"],
+            scope["path"],
+        )
+        await send_error(send, 401, reason.message, unauthorized_headers(reason, self.config.auth.header))
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send, identity: Identity | None) -> None:
+        if self.upstream is None:
+            await send_error(send, 404, "Not found: no upstream is configured")
+            return
+
+        client = scope.get("client")
+        headers = self.header_policy.rewrite(
+            scope["headers"],
+            client[0] if client else None,
+            scope.get("scheme", "http"),
+            identity.user_id if identity else None,
+            read_key_header(scope["headers"], self.key_header) if identity else None,
+        )
+        try:
+            await self.upstream.forward(scope, receive, send, headers)
+        except UpstreamTimeout as exc:
+            logger.error("Upstream timed out for %s %s: %s", scope["method"], scope["path"], exc)
+            await send_error(send, 504, "The upstream API did not answer in time")
+        except UpstreamError as exc:
+            logger.error("Upstream failed for %s %s: %s", scope["method"], scope["path"], exc)
+            await send_error(send, 502, "The upstream API is unreachable")
+
+    async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"})
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.store.ping()
+        except StoreUnavailable as exc:
+            logger.warning("Readiness check failed: %s", exc)
+            await send_json(send, 503, {"status": "unavailable", "message": "The token store is unreachable"})
+            return
+        await send_json(send, 200, {"status": "ok"})
+
+    async def reject_websocket(self, scope: Scope, send: Send) -> None:
+        # WebSocket upgrades are not proxied: answer 501 where the server lets
+        # an application send an HTTP response (the ASGI extension), else close.
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send_error(send, 501, "WebSocket upgrades are not supported by the gateway")
+            return
+        await send({"type": "websocket.close", "code": 1003})
+
+    async def startup(self) -> None:
+        try:
+            await self.store.ensure_indexes()
+        except StoreUnavailable as exc:
+            logger.warning("The token store is unreachable at start-up; requests with keys get 503 until it answers: %s", exc)
+        if self.upstream is not None:
+            await self.upstream.start()
+        self.usage.start()
+        logger.info("The gateway is ready: upstream %s.", self.config.upstream.url or "(none)")
+
+    async def shutdown(self) -> None:
+        await self.usage.stop()
+        if self.upstream is not None:
+            await self.upstream.close()
+        await self.store.close()
+        logger.info("The gateway stopped.")
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    logger.exception("The gateway failed to start.")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _decode_key(raw_key: bytes) -> str:
+    try:
+        return raw_key.strip().decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthenticationFailed(AuthFailureReason.INVALID) from None
+
+
+def _user_agent(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"user-agent":
+            return value.decode("latin-1")
+    return None

@@ -1,0 +1,174 @@
+"""Decide who a key belongs to: cache first, then one store lookup.
+
+Positive answers stay in a TTL cache for `cache.ttl_seconds`, but never past
+the token's `expires_at`. Negative answers (unknown, revoked, expired,
+inactive owner) stay in a smaller cache for `cache.negative_ttl_seconds`.
+Concurrent misses for one key share a single store query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from cachetools import TLRUCache, TTLCache
+
+from gateway.config import CacheConfig
+from gateway.errors import AuthenticationFailed, AuthFailureReason
+from gateway.store import OWNER_FIELD, TokenStore
+from gateway.tokens import hash_token, is_well_formed_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Identity:
+    """The owner of an authenticated key, as cached and forwarded.
+
+    `expires_at` is a POSIX timestamp or None; `user_id` is the owner's id as
+    sent in the trusted header (24 hex digits for an ObjectId).
+    """
+
+    user_id: str
+    token_id: Any
+    token_prefix: str
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    user_agents: frozenset[str]
+
+    def has_expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class Authenticator:
+    """Authenticate keys against a `TokenStore` with positive and negative caches."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        secrets: Sequence[str],
+        cache_config: CacheConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.secrets = tuple(secrets)
+        self.cache_ttl = cache_config.ttl_seconds
+        self.clock = clock
+        self.check_users = store.users is not None
+        self.positive: TLRUCache[str, Identity] = TLRUCache(cache_config.max_entries, self._positive_ttu)
+        self.negative: TTLCache[str, AuthFailureReason] = TTLCache(
+            cache_config.negative_max_entries, cache_config.negative_ttl_seconds
+        )
+        self._pending: dict[str, asyncio.Future[Identity]] = {}
+
+    async def authenticate(self, key: str) -> Identity:
+        """Return the identity owning `key`.
+
+        Raises `AuthenticationFailed` with the reason when the key does not
+        authenticate (a malformed key fails without a store query), and `StoreUnavailable` when the store cannot answer.
+        """
+        if not is_well_formed_key(key):
+            raise AuthenticationFailed(AuthFailureReason.INVALID)
+        cache_key = hash_token(self.secrets[0], key)
+
+        identity = self.positive.get(cache_key)
+        if identity is not None:
+            if identity.has_expired(self.clock()):
+                raise AuthenticationFailed(AuthFailureReason.EXPIRED)
+            return identity
+        reason = self.negative.get(cache_key)
+        if reason is not None:
+            raise AuthenticationFailed(reason)
+
+        pending = self._pending.get(cache_key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(key, cache_key))
+            self._pending[cache_key] = pending
+            pending.add_done_callback(lambda future: self._finish_lookup(cache_key, future))
+        return await asyncio.shield(pending)
+
+    def evict_token(self, token_id: Any) -> int:
+        """Drop every cached answer for the token `token_id`; return how many were dropped.
+
+        Scans the positive cache: revocations are rare, and the scan of
+        100,000 entries takes milliseconds.
+        """
+        stale = [cache_key for cache_key, identity in self.positive.items() if identity.token_id == token_id]
+        for cache_key in stale:
+            self.positive.pop(cache_key, None)
+        return len(stale)
+
+    def clear(self) -> None:
+        self.positive.clear()
+        self.negative.clear()
+
+    async def _look_up(self, key: str, cache_key: str) -> Identity:
+        hashes = [cache_key] + [hash_token(secret, key) for secret in self.secrets[1:]]
+        document = await self.store.find_token(hashes)
+        if document is None:
+            self._remember_failure(cache_key, AuthFailureReason.INVALID)
+
+        reason = self._failure_reason(document)
+        if reason is not None:
+            self._remember_failure(cache_key, reason)
+
+        identity = _identity_from(document)
+        self.positive[cache_key] = identity
+        return identity
+
+    def _failure_reason(self, document: dict[str, Any]) -> AuthFailureReason | None:
+        if document.get("revoked_at") is not None:
+            return AuthFailureReason.REVOKED
+        expires_at = document.get("expires_at")
+        if expires_at is not None and _timestamp(expires_at) <= self.clock():
+            return AuthFailureReason.EXPIRED
+        if self.check_users and not _is_active_owner(document.get(OWNER_FIELD) or []):
+            return AuthFailureReason.INACTIVE_USER
+        return None
+
+    def _remember_failure(self, cache_key: str, reason: AuthFailureReason) -> NoReturn:
+        self.negative[cache_key] = reason
+        raise AuthenticationFailed(reason)
+
+    def _finish_lookup(self, cache_key: str, future: asyncio.Future[Identity]) -> None:
+        self._pending.pop(cache_key, None)
+        if not future.cancelled():
+            # Mark the exception as retrieved: every waiter may have gone.
+            future.exception()
+
+    def _positive_ttu(self, cache_key: str, identity: Identity, now: float) -> float:
+        # `now` is cachetools' monotonic clock; expires_at is wall-clock time.
+        ttl = self.cache_ttl
+        if identity.expires_at is not None:
+            ttl = min(ttl, identity.expires_at - self.clock())
+        return now + ttl
+
+
+def _is_active_owner(owners: list[dict[str, Any]]) -> bool:
+    # udata treats a user as active only when `active` is true and `deleted` unset.
+    return bool(owners) and owners[0].get("active") is True and owners[0].get("deleted") is None
+
+
+def _identity_from(document: dict[str, Any]) -> Identity:
+    expires_at = document.get("expires_at")
+    return Identity(
+        user_id=str(document["user"]),
+        token_id=document["_id"],
+        token_prefix=document.get("token_prefix") or "",
+        scopes=tuple(document.get("scopes") or ()),
+        expires_at=None if expires_at is None else _timestamp(expires_at),
+        user_agents=frozenset(document.get("user_agents") or ()),
+    )
+
+
+def _timestamp(value: datetime.datetime) -> float:
+    # The client is tz_aware, so stored datetimes come back as aware UTC values.
+    # A naive value (a client configured otherwise) is UTC by udata's convention.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    return value.timestamp()

@@ -1,0 +1,185 @@
+"""Header rules for forwarding: which request and response headers cross the gateway.
+
+Every header set here is computed once at start-up; per request the gateway
+only folds names and looks them up.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1 and RFC 9112: connection-specific headers that a proxy
+# must not forward, plus Proxy-* credentials meant for this hop only.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+# Headers that describe the client's hop and that the gateway sets itself.
+FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+UNTRUSTED_FORWARDING_HEADERS = (*FORWARDED_HEADERS, b"forwarded", b"x-real-ip", b"x-forwarded-uri", b"x-original-uri")
+
+_NOT_ALPHANUMERIC = bytes(code for code in range(256) if not chr(code).isascii() or not chr(code).isalnum())
+
+
+def fold_header_name(name: bytes) -> bytes:
+    """Return the name as servers that fold spellings see it.
+
+    WSGI and CGI stacks map `X-User`, `X_User` and in some cases `X.User` to
+    one variable, so the gateway compares names lowercased with every
+    character other than a letter or a digit removed.
+    """
+    return name.lower().translate(None, _NOT_ALPHANUMERIC)
+
+
+class TrustedProxies:
+    """The peers whose forwarding headers the gateway believes."""
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(network, strict=False) for network in networks)
+        self._verdicts: dict[str, bool] = {}
+
+    def __contains__(self, address: str | None) -> bool:
+        if address is None or not self.networks:
+            return False
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            verdict = self._check(address)
+            if len(self._verdicts) < 10_000:
+                self._verdicts[address] = verdict
+        return verdict
+
+    def _check(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+def connection_named_headers(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Return the header names listed in `Connection`, which are hop-by-hop too."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    return frozenset(named)
+
+
+def response_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Return the upstream's response headers minus hop-by-hop ones, names lowercased.
+
+    Repeated headers such as `Set-Cookie` stay separate entries.
+    """
+    headers = [(name.lower(), value) for name, value in raw_headers]
+    dropped = HOP_BY_HOP_HEADERS | connection_named_headers(headers)
+    return [(name, value) for name, value in headers if name not in dropped]
+
+
+class RequestHeaderPolicy:
+    """Rewrite a client's request headers for the upstream.
+
+    Removes every spelling of the trusted user header and of the key header
+    (the key is forwarded only when `forward_api_key` is set, and then only
+    the one copy that authenticated), hop-by-hop headers, `Host` and
+    `Expect`, and the forwarding headers of peers that are not trusted
+    proxies. Then sets the trusted user header and `X-Forwarded-*`.
+    """
+
+    def __init__(
+        self,
+        user_header: str,
+        key_header: str,
+        forward_api_key: bool,
+        trusted_proxies: TrustedProxies,
+    ) -> None:
+        self.user_header = user_header.lower().encode()
+        self.key_header = key_header.lower().encode()
+        self.forward_api_key = forward_api_key
+        self.trusted_proxies = trusted_proxies
+        self._always_dropped_folded = frozenset({fold_header_name(self.user_header), fold_header_name(self.key_header)})
+        self._untrusted_folded = frozenset(fold_header_name(name) for name in UNTRUSTED_FORWARDING_HEADERS)
+        self._forwarded_folded = frozenset(fold_header_name(name) for name in FORWARDED_HEADERS)
+        # The gateway answers `Expect: 100-continue` itself when it reads the body.
+        self._dropped_exact = HOP_BY_HOP_HEADERS | {b"host", b"expect"}
+
+    def rewrite(
+        self,
+        headers: Sequence[tuple[bytes, bytes]],
+        client_address: str | None,
+        scheme: str,
+        user_id: str | None,
+        api_key: bytes | None,
+    ) -> Headers:
+        """Return the headers to send upstream for one request."""
+        is_trusted_peer = client_address in self.trusted_proxies
+        dropped_exact = self._dropped_exact | connection_named_headers(headers)
+        dropped_folded = self._always_dropped_folded if is_trusted_peer else self._always_dropped_folded | self._untrusted_folded
+
+        forwarded: Headers = []
+        incoming: dict[bytes, bytes] = {}
+        host = b""
+        for name, value in headers:
+            name = name.lower()
+            if name == b"host":
+                host = value
+            if name in dropped_exact:
+                continue
+            folded = fold_header_name(name)
+            if folded in dropped_folded:
+                continue
+            if folded in self._forwarded_folded:
+                # From a trusted proxy: merged into the values set below.
+                incoming[name] = incoming[name] + b", " + value if name in incoming else value
+                continue
+            forwarded.append((name, value))
+
+        forwarded.extend(self._forwarding_headers(incoming, client_address, scheme, host))
+        if user_id is not None:
+            forwarded.append((self.user_header, user_id.encode()))
+        if api_key is not None and self.forward_api_key:
+            forwarded.append((self.key_header, api_key))
+        return forwarded
+
+    def _forwarding_headers(
+        self, incoming: dict[bytes, bytes], client_address: str | None, scheme: str, host: bytes
+    ) -> Headers:
+        client = (client_address or "").encode()
+        chain = incoming.get(b"x-forwarded-for")
+        return [
+            (b"x-forwarded-for", chain + b", " + client if chain else client),
+            (b"x-forwarded-proto", incoming.get(b"x-forwarded-proto") or scheme.encode()),
+            (b"x-forwarded-host", incoming.get(b"x-forwarded-host") or host),
+        ]
+
+
+class KeyHeaderError(ValueError):
+    """The request carries the key header more than once or a value that cannot be one key."""
+
+
+def read_key_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """Return the raw value of the key header `name` (lowercase), or None when absent.
+
+    Raises `KeyHeaderError` when the header appears more than once: a proxy in
+    between may join copies with commas, and the gateway would not know which
+    copy the client meant.
+    """
+    found: bytes | None = None
+    for header_name, value in headers:
+        if header_name == name:
+            if found is not None:
+                raise KeyHeaderError("The key header appears more than once.")
+            found = value
+    return found

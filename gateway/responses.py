@@ -1,0 +1,36 @@
+"""Raw ASGI responses the gateway sends on its own behalf."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.errors import AuthFailureReason
+
+Send = Any
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    payload: dict[str, Any],
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Send a complete JSON response."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    response_headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Send `{"message": ...}` with `status`: the reference API's error shape."""
+    await send_json(send, status, {"message": message}, headers)
+
+
+def unauthorized_headers(reason: AuthFailureReason, header_name: str) -> list[tuple[bytes, bytes]]:
+    """Headers of a 401: a challenge naming the key header, and the machine-readable reason."""
+    challenge = f'ApiKey header="{header_name}", error="{reason.value}"'.encode()
+    return [(b"www-authenticate", challenge), (b"x-auth-error", reason.value.encode())]

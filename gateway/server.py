@@ -1,0 +1,65 @@
+"""Run the ASGI application under uvicorn, in one or several worker processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from gateway.app import GatewayApp
+from gateway.config import Config, load_config
+from gateway.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_VARIABLE = "GATEWAY_CONFIG_FILE"
+STORE_URI_VARIABLE = "GATEWAY_STORE_URI"
+
+
+def create_app() -> GatewayApp:
+    """Build the application from `$GATEWAY_CONFIG_FILE` and `GATEWAY_*` variables.
+
+    Worker processes call this factory, so each worker reads the same
+    configuration that the parent process validated.
+    """
+    config = load_config(os.environ.get(CONFIG_FILE_VARIABLE) or None)
+    configure_logging(config.logging)
+    return GatewayApp(config)
+
+
+def run_server(
+    config: Config,
+    config_path: str | None,
+    uri: str,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+) -> None:
+    """Serve until interrupted, with the store at `uri`; blocks."""
+    # Workers rebuild the configuration from the environment, so the resolved
+    # store address and the file travel there.
+    if config_path:
+        os.environ[CONFIG_FILE_VARIABLE] = os.path.abspath(config_path)
+    os.environ[STORE_URI_VARIABLE] = uri
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    workers = workers or config.server.workers
+    logger.info("Serving on http://%s:%d with %d worker(s), upstream %s.", host, port, workers, config.upstream.url or "(none)")
+
+    uvicorn.run(
+        "gateway.server:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        # The gateway decides itself which peers may set forwarding headers.
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(config.server.shutdown_timeout_seconds),
+    )

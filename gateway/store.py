@@ -1,0 +1,150 @@
+"""Access to the `api_token` and `user` collections through pymongo's async client.
+
+Every driver error is translated here into `StoreUnavailable`, so callers
+handle one exception and fail closed. The client is `tz_aware`, so every
+datetime read back is an aware UTC datetime.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pymongo
+from bson import ObjectId
+from pymongo import AsyncMongoClient
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from gateway.config import StoreConfig
+from gateway.errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+MAX_USER_AGENTS = 20
+OWNER_FIELD = "owner"
+
+
+class TokenStore:
+    """The token and user collections of one MongoDB database."""
+
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], config: StoreConfig) -> None:
+        self.client = client
+        self.config = config
+        database = client[config.database]
+        self.tokens = database[config.tokens_collection]
+        self.users = database[config.users_collection] if config.users_collection else None
+        self._lookup_owner = self._owner_lookup_stage()
+
+    @classmethod
+    def connect(cls, uri: str, config: StoreConfig, event_listeners: Sequence[Any] = ()) -> TokenStore:
+        """Create a client for `uri`; the connection itself opens on first use.
+
+        `timeoutMS` bounds every operation, server selection included, so a
+        store that is down or hangs costs at most `config.timeout_seconds`.
+        """
+        timeout_ms = int(config.timeout_seconds * 1000)
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri,
+            tz_aware=True,
+            timeoutMS=timeout_ms,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            event_listeners=list(event_listeners),
+            appname="api-key-gateway",
+        )
+        return cls(client, config)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def ping(self) -> None:
+        try:
+            await self.client.admin.command("ping")
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"The token store did not answer a ping: {type(exc).__name__}.") from exc
+
+    async def ensure_indexes(self) -> None:
+        """Create udata's indexes on `api_token` when they are missing."""
+        try:
+            await self.tokens.create_index("token_hash", unique=True)
+            await self.tokens.create_index("user")
+            await self.tokens.create_index([("user", pymongo.ASCENDING), ("created_at", pymongo.DESCENDING)])
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Creating the token indexes failed: {type(exc).__name__}.") from exc
+
+    async def find_token(self, token_hashes: Iterable[str]) -> dict[str, Any] | None:
+        """Return the token document matching one of `token_hashes`, or None.
+
+        When a users collection is configured, the owner's `active` and
+        `deleted` fields come with it under `owner` (a list of at most one
+        document), so a lookup costs one round trip.
+        """
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"token_hash": {"$in": list(token_hashes)}}},
+            {"$limit": 1},
+        ]
+        if self._lookup_owner:
+            pipeline.append(self._lookup_owner)
+        try:
+            cursor = await self.tokens.aggregate(pipeline)
+            documents = await cursor.to_list(1)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"The token lookup failed: {type(exc).__name__}.") from exc
+        return documents[0] if documents else None
+
+    async def insert_token(self, document: dict[str, Any]) -> ObjectId:
+        """Insert a token document and return its id.
+
+        Raises `DuplicateKeyError` when the hash exists already, and
+        `StoreUnavailable` for any other failure.
+        """
+        try:
+            result = await self.tokens.insert_one(document)
+        except DuplicateKeyError:
+            raise
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Storing the token failed: {type(exc).__name__}.") from exc
+        return result.inserted_id
+
+    async def record_usage(self, records: Iterable[tuple[Any, datetime.datetime, Iterable[str]]]) -> None:
+        """Write usage records `(token_id, last_used_at, user_agents)` in one bulk write.
+
+        `last_used_at` only moves forward (`$max`). A User-Agent is added only
+        while fewer than `MAX_USER_AGENTS` are stored, as udata does; the
+        condition sits in the filter, so concurrent writers cannot push the
+        list past the limit.
+        """
+        updates: list[Any] = []
+        for token_id, last_used_at, user_agents in records:
+            updates.append(pymongo.UpdateOne({"_id": token_id}, {"$max": {"last_used_at": last_used_at}}))
+            for user_agent in user_agents:
+                filter_ = {"_id": token_id, f"user_agents.{MAX_USER_AGENTS - 1}": {"$exists": False}}
+                updates.append(pymongo.UpdateOne(filter_, {"$addToSet": {"user_agents": user_agent}}))
+        if not updates:
+            return
+        try:
+            await self.tokens.bulk_write(updates, ordered=False)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Recording token usage failed: {type(exc).__name__}.") from exc
+
+    def _owner_lookup_stage(self) -> dict[str, Any] | None:
+        if self.users is None:
+            return None
+        return {
+            "$lookup": {
+                "from": self.config.users_collection,
+                "localField": "user",
+                "foreignField": "_id",
+                "as": OWNER_FIELD,
+                "pipeline": [{"$project": {"active": 1, "deleted": 1}}],
+            }
+        }
+
+
+def parse_user_id(text: str) -> ObjectId | str:
+    """Return udata's form of a user id: an ObjectId for 24 hex digits, else the string."""
+    if len(text) == 24 and ObjectId.is_valid(text):
+        return ObjectId(text)
+    return text

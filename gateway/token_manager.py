@@ -1,0 +1,61 @@
+"""Create, list and revoke tokens: the rules shared by the HTTP routes and the CLI."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+from bson import ObjectId
+
+from gateway.config import TokensConfig
+from gateway.store import TokenStore
+from gateway.tokens import display_prefix, generate_token, hash_token
+
+TOKEN_KIND = "api_key"
+DEFAULT_SCOPES = ("admin",)
+MAX_NAME_LENGTH = 255
+
+
+class TokenManager:
+    """Token operations on one store, with the deployment's token settings."""
+
+    def __init__(self, store: TokenStore, config: TokensConfig) -> None:
+        self.store = store
+        self.config = config
+
+    async def create(
+        self,
+        user: ObjectId | str,
+        name: str | None = None,
+        expires_at: datetime.datetime | None = None,
+        scopes: Sequence[str] = DEFAULT_SCOPES,
+    ) -> tuple[str, dict[str, Any]]:
+        """Store a new token for `user`; return its plaintext and its document.
+
+        The plaintext exists only in the return value: the store keeps the
+        HMAC hash under the first configured secret. Raises `StoreUnavailable`.
+        """
+        plaintext = generate_token(self.config.prefix)
+        document: dict[str, Any] = {
+            "token_hash": hash_token(self.config.secret[0], plaintext),
+            "token_prefix": display_prefix(plaintext, self.config.prefix),
+            "user": user,
+            "name": name,
+            "scopes": list(scopes),
+            "kind": TOKEN_KIND,
+            # BSON datetimes hold milliseconds; truncating here makes the
+            # returned document equal to what a later read returns.
+            "created_at": _utc_now_milliseconds(),
+            "last_used_at": None,
+            "user_agents": [],
+            "revoked_at": None,
+            "expires_at": expires_at,
+        }
+        document["_id"] = await self.store.insert_token(document)
+        return plaintext, document
+
+
+def _utc_now_milliseconds() -> datetime.datetime:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
