@@ -64,34 +64,41 @@ class GatewayApp:
             await route(scope, receive, send)
             return
 
-        identity = await self.identify(scope, send)
-        if identity is False:
+        try:
+            identity = await self.identify(scope)
+        except AuthenticationFailed as exc:
+            await self.reject(scope, send, exc.reason)
+            return
+        except StoreUnavailable as exc:
+            await self.store_unavailable(scope, send, exc)
             return
         await self.forward(scope, receive, send, identity)
 
-    async def identify(self, scope: Scope, send: Send) -> Identity | None | bool:
-        """Return the identity of the request, None when anonymous, False when answered already."""
+    async def identify(self, scope: Scope) -> Identity | None:
+        """Return the identity behind the request's key, or None for an anonymous request.
+
+        Raises `AuthenticationFailed` when a key is present and does not
+        authenticate (or is missing while required), and `StoreUnavailable`.
+        """
         headers = scope["headers"]
         try:
             raw_key = read_key_header(headers, self.key_header)
-            if raw_key is None or not raw_key.strip():
-                if self.require_key:
-                    raise AuthenticationFailed(AuthFailureReason.MISSING)
-                return None
-            identity = await self.authenticator.authenticate(_decode_key(raw_key))
         except KeyHeaderError:
-            await self.reject(scope, send, AuthFailureReason.INVALID)
-            return False
-        except AuthenticationFailed as exc:
-            await self.reject(scope, send, exc.reason)
-            return False
-        except StoreUnavailable as exc:
-            logger.error("Rejected %s %s with 503 because the token store is unavailable: %s", scope["method"], scope["path"], exc)
-            await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
-            return False
+            raise AuthenticationFailed(AuthFailureReason.INVALID) from None
+        if raw_key is None or not raw_key.strip():
+            if self.require_key:
+                raise AuthenticationFailed(AuthFailureReason.MISSING)
+            return None
 
+        identity = await self.authenticator.authenticate(_decode_key(raw_key))
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
         return identity
+
+    async def store_unavailable(self, scope: Scope, send: Send, error: StoreUnavailable) -> None:
+        logger.error(
+            "Rejected %s %s with 503 because the token store is unavailable: %s", scope["method"], scope["path"], error
+        )
+        await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
         client = scope.get("client")
@@ -150,7 +157,9 @@ class GatewayApp:
         try:
             await self.store.ensure_indexes()
         except StoreUnavailable as exc:
-            logger.warning("The token store is unreachable at start-up; requests with keys get 503 until it answers: %s", exc)
+            logger.warning(
+                "The token store is unreachable at start-up; requests with keys get 503 until it answers: %s", exc
+            )
         if self.upstream is not None:
             await self.upstream.start()
         self.usage.start()

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import logging
 import os
 import signal
 import sys
@@ -68,7 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True, help="owner id; 24 hex digits are stored as an ObjectId")
     create.add_argument("--name", help="label shown in token lists (at most 255 characters)")
     create.add_argument("--expires-at", type=_parse_expiry, help="ISO-8601 expiry; a time without offset is UTC")
-    create.add_argument("--scope", action="append", dest="scopes", help="scope to grant; repeat for several (default: admin)")
+    create.add_argument(
+        "--scope", action="append", dest="scopes", help="scope to grant; repeat for several (default: admin)"
+    )
     create.add_argument("--json", action="store_true", help="print the token and its metadata as JSON")
     create.set_defaults(run=_create_token)
     return parser
@@ -78,7 +79,8 @@ def _add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=os.environ.get(CONFIG_FILE_VARIABLE),
-        help=f"TOML configuration file (default: ${CONFIG_FILE_VARIABLE}); GATEWAY_<SECTION>_<KEY> variables override it",
+        help=f"TOML configuration file (default: ${CONFIG_FILE_VARIABLE}); "
+        "GATEWAY_<SECTION>_<KEY> variables override it",
     )
 
 
@@ -116,7 +118,8 @@ def _create_token(arguments: argparse.Namespace) -> int:
     scopes = arguments.scopes or ["admin"]
     disallowed = sorted(set(scopes) - set(config.management.allowed_scopes))
     if disallowed:
-        print(f"error: scope {', '.join(disallowed)} is not allowed; allowed: {', '.join(config.management.allowed_scopes)}", file=sys.stderr)
+        allowed = ", ".join(config.management.allowed_scopes)
+        print(f"error: scope {', '.join(disallowed)} is not allowed; allowed scopes: {allowed}", file=sys.stderr)
         return EXIT_USAGE
 
     async def create(uri: str) -> tuple[str, dict[str, Any]]:
@@ -135,7 +138,10 @@ def _create_token(arguments: argparse.Namespace) -> int:
         print(json.dumps({"token": plaintext, **_printable(document)}))
     else:
         print(plaintext)
-        print(f"Created token {document['_id']} ({document['token_prefix']}...) for user {arguments.user}.", file=sys.stderr)
+        print(
+            f"Created token {document['_id']} ({document['token_prefix']}...) for user {arguments.user}.",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -163,6 +169,7 @@ def _printable(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_config_problems(error: ConfigError) -> None:
-    print(f"The configuration is invalid ({len(error.problems)} problems):", file=sys.stderr)
+    count = len(error.problems)
+    print(f"The configuration is invalid ({count} problem{'s' if count > 1 else ''}):", file=sys.stderr)
     for problem in error.problems:
         print(f"  - {problem}", file=sys.stderr)

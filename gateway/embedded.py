@@ -68,7 +68,7 @@ class EmbeddedStore:
         Raises `StoreUnavailable` when the server cannot be started or reached.
         """
         self.data_path.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.data_path / "server.lock", "a+")
+        lock_file = open(self.data_path / "server.lock", "a+")  # noqa: SIM115 - held open while the server runs
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -128,7 +128,13 @@ class EmbeddedStore:
         _wait_until_listening(self.host, port, self.process, log_path)
         uri = mongodb_uri(self.host, port)
         (self.data_path / "server.json").write_text(json.dumps({"uri": uri, "pid": self.process.pid}))
-        logger.info("Started the embedded store (pid %d) on %s:%d with data in %s.", self.process.pid, self.host, port, self.data_path)
+        logger.info(
+            "Started the embedded store (pid %d) on %s:%d with data in %s.",
+            self.process.pid,
+            self.host,
+            port,
+            self.data_path,
+        )
         return uri
 
     def _running_server_uri(self) -> str:
@@ -139,7 +145,9 @@ class EmbeddedStore:
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 return str(json.loads(state_path.read_text())["uri"])
             time.sleep(0.1)
-        raise StoreUnavailable(f"Another process holds the embedded store in {self.data_path} but published no address in {state_path}.")
+        raise StoreUnavailable(
+            f"Another process holds the embedded store in {self.data_path} but published no address in {state_path}."
+        )
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         if process.poll() is not None:
@@ -171,18 +179,24 @@ def _server_command() -> list[str]:
     found = shutil.which(SERVER_COMMAND)
     if found:
         return [found]
-    raise StoreUnavailable(f"{SERVER_COMMAND} was not found: install it with `pip install secantusdb`, or set store.uri to a MongoDB URI.")
+    raise StoreUnavailable(
+        f"{SERVER_COMMAND} was not found: install it with `pip install secantusdb`, or set store.uri to a MongoDB URI."
+    )
 
 
 def _wait_until_listening(host: str, port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise StoreUnavailable(f"The embedded store exited with code {process.returncode} at start-up; see {log_path}.")
+            raise StoreUnavailable(
+                f"The embedded store exited with code {process.returncode} at start-up; see {log_path}."
+            )
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
-    raise StoreUnavailable(f"The embedded store did not listen on {host}:{port} within {STARTUP_TIMEOUT_SECONDS:.0f} s; see {log_path}.")
+    raise StoreUnavailable(
+        f"The embedded store did not listen on {host}:{port} within {STARTUP_TIMEOUT_SECONDS:.0f} s; see {log_path}."
+    )
 
 
 @contextlib.contextmanager

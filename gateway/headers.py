@@ -126,7 +126,9 @@ class RequestHeaderPolicy:
         """Return the headers to send upstream for one request."""
         is_trusted_peer = client_address in self.trusted_proxies
         dropped_exact = self._dropped_exact | connection_named_headers(headers)
-        dropped_folded = self._always_dropped_folded if is_trusted_peer else self._always_dropped_folded | self._untrusted_folded
+        dropped_folded = (
+            self._always_dropped_folded if is_trusted_peer else self._always_dropped_folded | self._untrusted_folded
+        )
 
         forwarded: Headers = []
         incoming: dict[bytes, bytes] = {}

@@ -8,7 +8,6 @@ Bodies stream in both directions in chunks; neither is held whole in memory.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -91,7 +90,7 @@ class UpstreamProxy:
                 allow_redirects=False,
                 compress=None,
             )
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"The upstream did not answer in time: {type(exc).__name__}.") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}.") from exc
@@ -131,10 +130,7 @@ def _text_headers(headers: Headers) -> list[tuple[str, str]]:
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, _ in headers:
-        if name in (b"content-length", b"transfer-encoding"):
-            return True
-    return False
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in headers)
 
 
 async def _request_body(receive: Receive) -> AsyncIterator[bytes]:

@@ -45,7 +45,9 @@ def run_server(
     host = host or config.server.host
     port = config.server.port if port is None else port
     workers = workers or config.server.workers
-    logger.info("Serving on http://%s:%d with %d worker(s), upstream %s.", host, port, workers, config.upstream.url or "(none)")
+    logger.info(
+        "Serving on http://%s:%d with %d worker(s), upstream %s.", host, port, workers, config.upstream.url or "(none)"
+    )
 
     uvicorn.run(
         "gateway.server:create_app",

@@ -22,6 +22,11 @@ from gateway.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
+# pymongo logs every command and reply at DEBUG, token hashes included. A
+# hash is as good as a key for an offline guess, so that logger never goes
+# below INFO, whatever level the application sets on the root logger.
+logging.getLogger("pymongo.command").setLevel(logging.INFO)
+
 MAX_USER_AGENTS = 20
 OWNER_FIELD = "owner"
 
@@ -106,7 +111,8 @@ class TokenStore:
             raise
         except PyMongoError as exc:
             raise StoreUnavailable(f"Storing the token failed: {type(exc).__name__}.") from exc
-        return result.inserted_id
+        inserted_id: ObjectId = result.inserted_id
+        return inserted_id
 
     async def record_usage(self, records: Iterable[tuple[Any, datetime.datetime, Iterable[str]]]) -> None:
         """Write usage records `(token_id, last_used_at, user_agents)` in one bulk write.

@@ -22,7 +22,7 @@ MAX_KEY_LENGTH = 1024
 # (C0, DEL and C1) cannot be part of one, and a comma is how HTTP joins
 # repeated header values into one. Non-ASCII characters are allowed because
 # keys migrated from older systems may contain them (sent as UTF-8).
-_WELL_FORMED_KEY = re.compile(r"[^\x00-\x20\x7f-\x9f,\s]{1,%d}" % MAX_KEY_LENGTH)
+_WELL_FORMED_KEY = re.compile(rf"[^\x00-\x20\x7f-\x9f,\s]{{1,{MAX_KEY_LENGTH}}}")
 
 
 def generate_token(prefix: str) -> str:

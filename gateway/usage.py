@@ -9,6 +9,7 @@ is left, so a clean shutdown loses no record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -60,10 +61,8 @@ class UsageRecorder:
         """Stop the background task and write every pending record."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         await self.flush()
 
