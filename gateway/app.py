@@ -8,15 +8,18 @@ Everything that can be computed once is computed in `GatewayApp.__init__`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
 from gateway.config import Config
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
+from gateway.forwarded import client_address, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
+from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
-from gateway.responses import send_error, send_json, unauthorized_headers
+from gateway.responses import STORE_UNAVAILABLE_MESSAGE, send_error, send_json, unauthorized_headers
 from gateway.store import TokenStore
 from gateway.usage import UsageRecorder
 
@@ -26,8 +29,7 @@ audit_logger = logging.getLogger("gateway.audit")
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
-
-STORE_UNAVAILABLE_MESSAGE = "Authentication is temporarily unavailable, retry later"
+Route = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class GatewayApp:
@@ -45,9 +47,20 @@ class GatewayApp:
         )
         self.key_header = config.auth.header.lower().encode()
         self.require_key = config.auth.require_key
-        self.routes = {
+        self.policy = AccessPolicy(config.auth.required_scopes)
+        self.auth_request = AuthRequestEndpoint(
+            self.identify,
+            self.reject,
+            self.forbid,
+            self.policy,
+            config.auth.user_header,
+            config.auth.header,
+            self.trusted_proxies,
+        )
+        self.routes: dict[str, Route] = {
             config.logging.health_path: self.health,
             config.logging.ready_path: self.ready,
+            config.auth.auth_request_path: self.auth_request,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,6 +84,9 @@ class GatewayApp:
             return
         except StoreUnavailable as exc:
             await self.store_unavailable(scope, send, exc)
+            return
+        if identity is not None and not self.policy.allows(identity):
+            await self.forbid(scope, send, identity)
             return
         await self.forward(scope, receive, send, identity)
 
@@ -101,15 +117,30 @@ class GatewayApp:
         await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
-        client = scope.get("client")
+        client, path = self.describe_request(scope)
         audit_logger.info(
-            "Authentication failed: reason=%s client=%s method=%s path=%s",
-            reason.value,
-            client[0] if client else "-",
-            scope["method"],
-            scope["path"],
+            "Authentication failed: reason=%s client=%s method=%s path=%s", reason.value, client, scope["method"], path
         )
         await send_error(send, 401, reason.message, unauthorized_headers(reason, self.config.auth.header))
+
+    async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
+        client, path = self.describe_request(scope)
+        audit_logger.info(
+            "Access denied: reason=scope token=%s client=%s method=%s path=%s",
+            identity.token_id,
+            client,
+            scope["method"],
+            path,
+        )
+        await send_error(send, 403, FORBIDDEN_MESSAGE)
+
+    def describe_request(self, scope: Scope) -> tuple[str, str]:
+        """Return the client address and path for log lines, as trusted proxies report them."""
+        peer = scope.get("client")
+        peer_address = peer[0] if peer else None
+        headers = scope["headers"]
+        client = client_address(headers, peer_address, self.trusted_proxies) or "-"
+        return client, original_path(headers, peer_address, self.trusted_proxies, scope["path"])
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, identity: Identity | None) -> None:
         if self.upstream is None:

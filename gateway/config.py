@@ -139,6 +139,7 @@ class AuthConfig:
     legacy_fallback: bool = _setting(False)
     legacy_field: str = _setting("apikey")
     auth_request_path: str = _setting("/_auth", _path)
+    required_scopes: list[str] = _setting([])
 
 
 @dataclasses.dataclass(frozen=True)

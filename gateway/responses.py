@@ -10,6 +10,7 @@ from gateway.errors import AuthFailureReason
 
 Send = Any
 JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+STORE_UNAVAILABLE_MESSAGE = "Authentication is temporarily unavailable, retry later"
 
 
 async def send_json(
@@ -32,5 +33,10 @@ async def send_error(send: Send, status: int, message: str, headers: Iterable[tu
 
 def unauthorized_headers(reason: AuthFailureReason, header_name: str) -> list[tuple[bytes, bytes]]:
     """Headers of a 401: a challenge naming the key header, and the machine-readable reason."""
-    challenge = f'ApiKey header="{header_name}", error="{reason.value}"'.encode()
-    return [(b"www-authenticate", challenge), (b"x-auth-error", reason.value.encode())]
+    return challenge_headers(reason.value, header_name)
+
+
+def challenge_headers(error: str, header_name: str) -> list[tuple[bytes, bytes]]:
+    """Headers of a 401 whose machine-readable reason is `error`."""
+    challenge = f'ApiKey header="{header_name}", error="{error}"'.encode()
+    return [(b"www-authenticate", challenge), (b"x-auth-error", error.encode())]

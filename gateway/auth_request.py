@@ -1,0 +1,117 @@
+"""The endpoint for nginx's `auth_request`: who sent this request, without forwarding it.
+
+nginx sends a subrequest with the client's headers and no body to
+`auth.auth_request_path`, with any method. nginx 1.22's auth_request module
+understands three kinds of answers: 2xx allows the request, 401 and 403
+deny it, and any other status becomes a 500 for the client. The endpoint
+therefore only answers with these:
+
+    outcome                                   status  headers
+    key authenticates, or anonymous allowed   204     user header (absent when anonymous)
+    key rejected, or missing while required   401     WWW-Authenticate, X-Auth-Error: <reason>
+    key lacks every `auth.required_scopes`    403     -
+    token store unavailable                   401     X-Auth-Error: unavailable, Retry-After: 1
+
+A store failure answers 401 rather than 503 so that nginx denies the request
+(fail closed) and still passes the gateway's JSON body to the client with the
+configuration in deploy/nginx/auth_request.conf, instead of turning a 503
+into a bare 500. Anonymous requests never query the store, so they pass
+while it is down when `auth.require_key` is off.
+
+The endpoint never calls `receive`: the request body is not read, whatever
+`Content-Length` or `Transfer-Encoding` claim, so an answer never waits for
+a slow or absent body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.authenticator import Identity
+from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable
+from gateway.forwarded import client_address, original_path
+from gateway.headers import TrustedProxies
+from gateway.policy import AccessPolicy
+from gateway.responses import STORE_UNAVAILABLE_MESSAGE, challenge_headers, send_error
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Identify = Callable[[Scope], Awaitable[Identity | None]]
+Reject = Callable[[Scope, Send, AuthFailureReason], Awaitable[None]]
+Forbid = Callable[[Scope, Send, Identity], Awaitable[None]]
+
+STORE_UNAVAILABLE_REASON = "unavailable"
+RETRY_AFTER_SECONDS = b"1"
+
+
+class AuthRequestEndpoint:
+    """ASGI endpoint answering nginx's auth subrequests with 204, 401 or 403.
+
+    `identify`, `reject` and `forbid` are the gateway's own, so both modes
+    share the authenticator, its cache, usage tracking and the audit log.
+    """
+
+    def __init__(
+        self,
+        identify: Identify,
+        reject: Reject,
+        forbid: Forbid,
+        policy: AccessPolicy,
+        user_header: str,
+        key_header: str,
+        trusted_proxies: TrustedProxies,
+    ) -> None:
+        self.identify = identify
+        self.reject = reject
+        self.forbid = forbid
+        self.policy = policy
+        self.user_header = user_header.lower().encode()
+        self.trusted_proxies = trusted_proxies
+        self.unavailable_headers = [
+            *challenge_headers(STORE_UNAVAILABLE_REASON, key_header),
+            (b"retry-after", RETRY_AFTER_SECONDS),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
+        try:
+            identity = await self.identify(scope)
+        except AuthenticationFailed as exc:
+            await self.reject(scope, send, exc.reason)
+            return
+        except StoreUnavailable as exc:
+            await self.store_unavailable(scope, send, exc)
+            return
+
+        if identity is not None and not self.policy.allows(identity):
+            await self.forbid(scope, send, identity)
+            return
+        await self.allow(send, identity)
+
+    async def allow(self, send: Send, identity: Identity | None) -> None:
+        # RFC 9110 section 8.6: a 204 carries no Content-Length.
+        headers: list[tuple[bytes, bytes]] = []
+        if identity is not None:
+            headers.append((self.user_header, identity.user_id.encode()))
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def store_unavailable(self, scope: Scope, send: Send, error: StoreUnavailable) -> None:
+        headers = scope["headers"]
+        peer = _peer(scope)
+        logger.error(
+            "Denied the auth request for %s %s from %s with 401 because the token store is unavailable: %s",
+            scope["method"],
+            original_path(headers, peer, self.trusted_proxies, scope["path"]),
+            client_address(headers, peer, self.trusted_proxies) or "-",
+            error,
+        )
+        await send_error(send, 401, STORE_UNAVAILABLE_MESSAGE, self.unavailable_headers)
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None

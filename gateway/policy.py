@@ -1,0 +1,28 @@
+"""The access rule applied after authentication: `auth.required_scopes`.
+
+Scopes are the strings in a token's `scopes` field; udata gives every token
+`["admin"]` today. With `required_scopes` set, a key that authenticates but
+holds none of those scopes is refused with 403 in both modes. Requests
+without a key are governed by `auth.require_key` alone, because they carry
+no scope to check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.authenticator import Identity
+
+FORBIDDEN_MESSAGE = "API token lacks a required scope"
+
+
+class AccessPolicy:
+    """Decide whether an identity may make a request; an empty scope list allows every key."""
+
+    def __init__(self, required_scopes: Iterable[str]) -> None:
+        self.required_scopes = frozenset(required_scopes)
+
+    def allows(self, identity: Identity | None) -> bool:
+        if identity is None or not self.required_scopes:
+            return True
+        return not self.required_scopes.isdisjoint(identity.scopes)
