@@ -15,7 +15,7 @@ from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
 from gateway.config import Config
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
-from gateway.forwarded import client_address, original_path
+from gateway.forwarded import client_address, original_method, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
@@ -55,7 +55,7 @@ class GatewayApp:
             self.policy,
             config.auth.user_header,
             config.auth.header,
-            self.trusted_proxies,
+            self.describe_request,
         )
         self.routes: dict[str, Route] = {
             config.logging.health_path: self.health,
@@ -117,30 +117,29 @@ class GatewayApp:
         await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
-        client, path = self.describe_request(scope)
+        client, method, path = self.describe_request(scope)
         audit_logger.info(
-            "Authentication failed: reason=%s client=%s method=%s path=%s", reason.value, client, scope["method"], path
+            "Authentication failed: reason=%s client=%s method=%s path=%s", reason.value, client, method, path
         )
         await send_error(send, 401, reason.message, unauthorized_headers(reason, self.config.auth.header))
 
     async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
-        client, path = self.describe_request(scope)
+        client, method, path = self.describe_request(scope)
         audit_logger.info(
-            "Access denied: reason=scope token=%s client=%s method=%s path=%s",
-            identity.token_id,
-            client,
-            scope["method"],
-            path,
+            "Access denied: reason=scope token=%s client=%s method=%s path=%s", identity.token_id, client, method, path
         )
         await send_error(send, 403, FORBIDDEN_MESSAGE)
 
-    def describe_request(self, scope: Scope) -> tuple[str, str]:
-        """Return the client address and path for log lines, as trusted proxies report them."""
+    def describe_request(self, scope: Scope) -> tuple[str, str, str]:
+        """Return the client address, method and path for log lines, as trusted proxies report them."""
         peer = scope.get("client")
         peer_address = peer[0] if peer else None
         headers = scope["headers"]
-        client = client_address(headers, peer_address, self.trusted_proxies) or "-"
-        return client, original_path(headers, peer_address, self.trusted_proxies, scope["path"])
+        return (
+            client_address(headers, peer_address, self.trusted_proxies) or "-",
+            original_method(headers, peer_address, self.trusted_proxies, scope["method"]),
+            original_path(headers, peer_address, self.trusted_proxies, scope["path"]),
+        )
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, identity: Identity | None) -> None:
         if self.upstream is None:

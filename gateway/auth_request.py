@@ -31,8 +31,6 @@ from typing import Any
 
 from gateway.authenticator import Identity
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable
-from gateway.forwarded import client_address, original_path
-from gateway.headers import TrustedProxies
 from gateway.policy import AccessPolicy
 from gateway.responses import STORE_UNAVAILABLE_MESSAGE, challenge_headers, send_error
 
@@ -43,6 +41,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Identify = Callable[[Scope], Awaitable[Identity | None]]
 Reject = Callable[[Scope, Send, AuthFailureReason], Awaitable[None]]
 Forbid = Callable[[Scope, Send, Identity], Awaitable[None]]
+Describe = Callable[[Scope], tuple[str, str, str]]
 
 STORE_UNAVAILABLE_REASON = "unavailable"
 RETRY_AFTER_SECONDS = b"1"
@@ -51,8 +50,9 @@ RETRY_AFTER_SECONDS = b"1"
 class AuthRequestEndpoint:
     """ASGI endpoint answering nginx's auth subrequests with 204, 401 or 403.
 
-    `identify`, `reject` and `forbid` are the gateway's own, so both modes
-    share the authenticator, its cache, usage tracking and the audit log.
+    `identify`, `reject`, `forbid` and `describe_request` (client address,
+    method and path for log lines) are the gateway's own, so both modes share
+    the authenticator, its cache, usage tracking and the audit log.
     """
 
     def __init__(
@@ -63,14 +63,14 @@ class AuthRequestEndpoint:
         policy: AccessPolicy,
         user_header: str,
         key_header: str,
-        trusted_proxies: TrustedProxies,
+        describe_request: Describe,
     ) -> None:
         self.identify = identify
         self.reject = reject
         self.forbid = forbid
         self.policy = policy
         self.user_header = user_header.lower().encode()
-        self.trusted_proxies = trusted_proxies
+        self.describe_request = describe_request
         self.unavailable_headers = [
             *challenge_headers(STORE_UNAVAILABLE_REASON, key_header),
             (b"retry-after", RETRY_AFTER_SECONDS),
@@ -100,18 +100,12 @@ class AuthRequestEndpoint:
         await send({"type": "http.response.body", "body": b""})
 
     async def store_unavailable(self, scope: Scope, send: Send, error: StoreUnavailable) -> None:
-        headers = scope["headers"]
-        peer = _peer(scope)
+        client, method, path = self.describe_request(scope)
         logger.error(
             "Denied the auth request for %s %s from %s with 401 because the token store is unavailable: %s",
-            scope["method"],
-            original_path(headers, peer, self.trusted_proxies, scope["path"]),
-            client_address(headers, peer, self.trusted_proxies) or "-",
+            method,
+            path,
+            client,
             error,
         )
         await send_error(send, 401, STORE_UNAVAILABLE_MESSAGE, self.unavailable_headers)
-
-
-def _peer(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None

@@ -2,9 +2,10 @@
 
 A peer listed in `server.trusted_proxies` (nginx, a load balancer) may tell
 the gateway who the client was in `X-Forwarded-For`, and which request it
-checks in `X-Original-URI` or `X-Forwarded-Uri` (nginx's `auth_request`
-sends the subrequest to the gateway's own path). From any other peer these
-headers are ignored: the peer's address and the request's own path are used.
+checks in `X-Original-URI` or `X-Forwarded-Uri` and `X-Original-Method`
+(nginx's `auth_request` sends a GET subrequest to the gateway's own path).
+From any other peer these headers are ignored: the peer's address and the
+request's own method and path are used.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 # The first of these headers present names the original request target.
 ORIGINAL_URI_HEADERS = (b"x-original-uri", b"x-forwarded-uri")
+ORIGINAL_METHOD_HEADER = b"x-original-method"
 
 
 def client_address(headers: Headers, peer: str | None, trusted_proxies: TrustedProxies) -> str | None:
@@ -51,10 +53,24 @@ def original_path(headers: Headers, peer: str | None, trusted_proxies: TrustedPr
     if peer not in trusted_proxies:
         return path
     for name in ORIGINAL_URI_HEADERS:
-        for header_name, value in headers:
-            if header_name.lower() == name:
-                return value.decode("latin-1").split("?", 1)[0] or path
+        value = _header_value(headers, name)
+        if value:
+            return value.split("?", 1)[0] or path
     return path
+
+
+def original_method(headers: Headers, peer: str | None, trusted_proxies: TrustedProxies, method: str) -> str:
+    """Return the method of the request a trusted proxy checks, else `method`."""
+    if peer not in trusted_proxies:
+        return method
+    return _header_value(headers, ORIGINAL_METHOD_HEADER) or method
+
+
+def _header_value(headers: Headers, name: bytes) -> str | None:
+    for header_name, value in headers:
+        if header_name.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _forwarded_for_hops(headers: Headers) -> list[str]:
