@@ -1,10 +1,10 @@
 """The endpoint for nginx's `auth_request`: who sent this request, without forwarding it.
 
 nginx sends a subrequest with the client's headers and no body to
-`auth.auth_request_path`, with any method. nginx 1.22's auth_request module
-understands three kinds of answers: 2xx allows the request, 401 and 403
-deny it, and any other status becomes a 500 for the client. The endpoint
-therefore only answers with these:
+`auth.auth_request_path`. The auth_request module of nginx 1.22 accepts
+three kinds of status: 2xx allows the request, 401 and 403 deny it, and any
+other status becomes a 500 for the client. The endpoint therefore returns
+only these:
 
     outcome                                   status  headers
     key authenticates, or anonymous allowed   204     user header (absent when anonymous)
@@ -12,10 +12,10 @@ therefore only answers with these:
     key lacks every `auth.required_scopes`    403     -
     token store unavailable                   401     X-Auth-Error: unavailable, Retry-After: 1
 
-A store failure answers 401 rather than 503 so that nginx denies the request
-(fail closed) and still passes the gateway's JSON body to the client with the
-configuration in deploy/nginx/auth_request.conf, instead of turning a 503
-into a bare 500. Anonymous requests never query the store, so they pass
+On a store failure the endpoint returns 401 rather than 503, so nginx denies
+the request (fail closed). With deploy/nginx/auth_request.conf the client
+then gets this 401 with the gateway's JSON body, where a 503 would have
+become a bare 500. Anonymous requests never query the store, so they pass
 while it is down when `auth.require_key` is off.
 
 The endpoint never calls `receive`: the request body is not read, whatever
@@ -48,7 +48,7 @@ RETRY_AFTER_SECONDS = b"1"
 
 
 class AuthRequestEndpoint:
-    """ASGI endpoint answering nginx's auth subrequests with 204, 401 or 403.
+    """ASGI endpoint for nginx's auth subrequests, which returns 204, 401 or 403.
 
     `identify`, `reject`, `forbid` and `describe_request` (client address,
     method and path for log lines) are the gateway's own, so both modes share

@@ -1,10 +1,10 @@
 """The client address and request target that a trusted proxy reports.
 
-A peer listed in `server.trusted_proxies` (nginx, a load balancer) may tell
-the gateway who the client was in `X-Forwarded-For`, and which request it
-checks in `X-Original-URI` or `X-Forwarded-Uri` and `X-Original-Method`
-(nginx's `auth_request` sends a GET subrequest to the gateway's own path).
-From any other peer these headers are ignored: the peer's address and the
+A peer listed in `server.trusted_proxies` (nginx, a load balancer) may name
+the client in `X-Forwarded-For`. It may also name the request it checks in
+`X-Original-URI` or `X-Forwarded-Uri` and `X-Original-Method`, because nginx's
+`auth_request` sends a GET subrequest to the gateway's own path. From any
+other peer these headers are ignored, and the peer's address and the
 request's own method and path are used.
 """
 

@@ -2,7 +2,7 @@
 
 Scopes are the strings in a token's `scopes` field; udata gives every token
 `["admin"]` today. With `required_scopes` set, a key that authenticates but
-holds none of those scopes is refused with 403 in both modes. Requests
+has none of those scopes is rejected with 403 in both modes. Requests
 without a key are governed by `auth.require_key` alone, because they carry
 no scope to check.
 """
@@ -17,7 +17,7 @@ FORBIDDEN_MESSAGE = "API token lacks a required scope"
 
 
 class AccessPolicy:
-    """Decide whether an identity may make a request; an empty scope list allows every key."""
+    """Decide whether an identity may make a request. An empty scope list allows every key."""
 
     def __init__(self, required_scopes: Iterable[str]) -> None:
         self.required_scopes = frozenset(required_scopes)

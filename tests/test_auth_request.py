@@ -143,10 +143,10 @@ def test_auth_request_store_down_anonymous_allowed(make_config: Any, start_gatew
 @pytest.mark.parametrize(
     "scopes, status",
     [
-        (["admin"], 204),  # holds the required scope
-        (["read", "admin"], 204),  # holds it among others
-        (["read"], 403),  # holds another scope only
-        ([], 403),  # holds no scope
+        (["admin"], 204),  # the required scope
+        (["read", "admin"], 204),  # the required scope among others
+        (["read"], 403),  # another scope only
+        ([], 403),  # no scope
     ],
 )
 def test_auth_request_required_scopes(

@@ -87,9 +87,11 @@ class NginxServer:
 
     def start(self) -> NginxServer:
         self.check()
-        self.process = subprocess.Popen(
-            self._command("-g", "daemon off;"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # A file rather than a pipe, which nobody reads and which could fill up.
+        with open(self.prefix / "logs" / "stderr.log", "wb") as stderr:
+            self.process = subprocess.Popen(
+                self._command("-g", "daemon off;"), stdout=subprocess.DEVNULL, stderr=stderr
+            )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not _is_listening(self.https_port):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -99,8 +101,8 @@ class NginxServer:
         return self
 
     def error_output(self) -> str:
-        log = self.prefix / "logs" / "error.log"
-        return log.read_text() if log.exists() else ""
+        logs = [self.prefix / "logs" / name for name in ("stderr.log", "error.log")]
+        return "".join(log.read_text() for log in logs if log.exists())
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -111,8 +113,6 @@ class NginxServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
         shutil.rmtree(self.prefix, ignore_errors=True)
 
 
