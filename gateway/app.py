@@ -17,10 +17,12 @@ from gateway.config import Config
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
 from gateway.forwarded import client_address, original_method, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
+from gateway.management import ManagementRoutes
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
 from gateway.responses import STORE_UNAVAILABLE_MESSAGE, send_error, send_json, unauthorized_headers
 from gateway.store import TokenStore
+from gateway.token_manager import TokenManager
 from gateway.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class GatewayApp:
         self.key_header = config.auth.header.lower().encode()
         self.require_key = config.auth.require_key
         self.policy = AccessPolicy(config.auth.required_scopes)
+        self.management = ManagementRoutes(TokenManager(self.store, config.tokens), self.authenticator, config)
         self.auth_request = AuthRequestEndpoint(
             self.identify,
             self.reject,
@@ -61,6 +64,7 @@ class GatewayApp:
             config.logging.health_path: self.health,
             config.logging.ready_path: self.ready,
             config.auth.auth_request_path: self.auth_request,
+            config.management.openapi_path: self.management.serve_openapi,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -75,6 +79,9 @@ class GatewayApp:
         route = self.routes.get(scope["path"])
         if route is not None:
             await route(scope, receive, send)
+            return
+        if self.management.owns(scope["path"]):
+            await self.manage(scope, receive, send)
             return
 
         try:
@@ -109,6 +116,21 @@ class GatewayApp:
         identity = await self.authenticator.authenticate(_decode_key(raw_key))
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
         return identity
+
+    async def manage(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a management route; the caller must authenticate even where keys are optional."""
+        try:
+            identity = await self.identify(scope)
+            if identity is None:
+                raise AuthenticationFailed(AuthFailureReason.MISSING)
+            if not self.policy.allows(identity):
+                await self.forbid(scope, send, identity)
+                return
+            await self.management.handle(scope, receive, send, identity)
+        except AuthenticationFailed as exc:
+            await self.reject(scope, send, exc.reason)
+        except StoreUnavailable as exc:
+            await self.store_unavailable(scope, send, exc)
 
     async def store_unavailable(self, scope: Scope, send: Send, error: StoreUnavailable) -> None:
         logger.error(

@@ -167,6 +167,7 @@ class ManagementConfig:
     prefix: str = _setting("/api/1/me/tokens/", _path_prefix)
     allowed_scopes: list[str] = _setting(["admin"])
     usage_flush_seconds: float = _setting(1.0, _positive)
+    openapi_path: str = _setting("/_gateway/openapi.json", _path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@
     ├── ConfigError             configuration invalid; carries every problem found
     ├── StoreUnavailable        the token store did not answer in time
     ├── AuthenticationFailed    a key did not authenticate; carries the reason
+    ├── InvalidRequestBody      a management request body is too large or invalid
+    ├── ClientDisconnected      the client left before sending its whole body
     └── UpstreamError
         ├── UpstreamUnreachable connection refused, reset or DNS failure
         └── UpstreamTimeout     connect, pool or read timeout
@@ -69,6 +71,24 @@ class AuthenticationFailed(GatewayError):
     def __init__(self, reason: AuthFailureReason) -> None:
         self.reason = reason
         super().__init__(reason.message)
+
+
+class InvalidRequestBody(GatewayError):
+    """A request body the gateway reads itself cannot be used.
+
+    `status` is the HTTP status to answer (400 or 413). `errors` maps each
+    invalid field to its problem; it is empty when the body as a whole is at
+    fault (too large, not JSON, not an object).
+    """
+
+    def __init__(self, status: int, message: str, errors: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.errors = errors or {}
+        super().__init__(message)
+
+
+class ClientDisconnected(GatewayError):
+    """The client closed the connection before sending its whole body."""
 
 
 class UpstreamError(GatewayError):

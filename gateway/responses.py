@@ -16,7 +16,7 @@ STORE_UNAVAILABLE_MESSAGE = "Authentication is temporarily unavailable, retry la
 async def send_json(
     send: Send,
     status: int,
-    payload: dict[str, Any],
+    payload: dict[str, Any] | list[Any],
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     """Send a complete JSON response."""

@@ -114,6 +114,41 @@ class TokenStore:
         inserted_id: ObjectId = result.inserted_id
         return inserted_id
 
+    async def list_tokens(self, user: Any) -> list[dict[str, Any]]:
+        """Return the tokens of `user` that are not revoked, newest first, without their hashes."""
+        query = {"user": user, "revoked_at": None}
+        try:
+            cursor = self.tokens.find(query, {"token_hash": 0}).sort([("created_at", -1), ("_id", -1)])
+            return await cursor.to_list(None)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Listing the tokens failed: {type(exc).__name__}.") from exc
+
+    async def revoke_token(self, token_id: ObjectId, user: Any | None, revoked_at: datetime.datetime) -> bool:
+        """Set `revoked_at` on the token unless it is revoked already; return whether this call did it.
+
+        With `user`, only a token of that user matches. The filter requires
+        `revoked_at` to be null, so of concurrent calls for one token exactly
+        one returns True.
+        """
+        query: dict[str, Any] = {"_id": token_id, "revoked_at": None}
+        if user is not None:
+            query["user"] = user
+        try:
+            result = await self.tokens.update_one(query, {"$set": {"revoked_at": revoked_at}})
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Revoking the token failed: {type(exc).__name__}.") from exc
+        return result.matched_count == 1
+
+    async def find_token_by_id(self, token_id: ObjectId, user: Any | None = None) -> dict[str, Any] | None:
+        """Return the token document with id `token_id` (of `user` when given) without its hash, or None."""
+        query: dict[str, Any] = {"_id": token_id}
+        if user is not None:
+            query["user"] = user
+        try:
+            return await self.tokens.find_one(query, {"token_hash": 0})
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Reading the token failed: {type(exc).__name__}.") from exc
+
     async def record_usage(self, records: Iterable[tuple[Any, datetime.datetime, Iterable[str]]]) -> None:
         """Write usage records `(token_id, last_used_at, user_agents)` in one bulk write.
 

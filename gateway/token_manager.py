@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import enum
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +17,22 @@ from gateway.tokens import display_prefix, generate_token, hash_token
 TOKEN_KIND = "api_key"
 DEFAULT_SCOPES = ("admin",)
 MAX_NAME_LENGTH = 255
+
+
+class RevokeOutcome(enum.Enum):
+    """What a revocation found: the token revoked now, revoked before, or no such token."""
+
+    REVOKED = "revoked"
+    ALREADY_REVOKED = "already_revoked"
+    NOT_FOUND = "not_found"
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    """The result of `TokenManager.revoke`; `document` is None when no token matched."""
+
+    outcome: RevokeOutcome
+    document: dict[str, Any] | None
 
 
 class TokenManager:
@@ -54,6 +72,29 @@ class TokenManager:
         }
         document["_id"] = await self.store.insert_token(document)
         return plaintext, document
+
+    async def list(self, user: ObjectId | str) -> list[dict[str, Any]]:
+        """Return the tokens of `user` that are not revoked, newest first, without hashes.
+
+        Raises `StoreUnavailable`.
+        """
+        return await self.store.list_tokens(user)
+
+    async def revoke(self, token_id: ObjectId, user: ObjectId | str | None = None) -> Revocation:
+        """Revoke the token `token_id`, keeping its document for audit.
+
+        With `user`, a token of any other user counts as not found, so a
+        caller cannot tell whether someone else's token exists. Of concurrent
+        revocations of one token, exactly one gets `REVOKED`. Raises
+        `StoreUnavailable`.
+        """
+        if await self.store.revoke_token(token_id, user, _utc_now_milliseconds()):
+            return Revocation(RevokeOutcome.REVOKED, await self.store.find_token_by_id(token_id))
+
+        document = await self.store.find_token_by_id(token_id, user)
+        if document is None:
+            return Revocation(RevokeOutcome.NOT_FOUND, None)
+        return Revocation(RevokeOutcome.ALREADY_REVOKED, document)
 
 
 def _utc_now_milliseconds() -> datetime.datetime:

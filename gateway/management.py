@@ -1,0 +1,216 @@
+"""The token-management routes: create, list and revoke the caller's own tokens.
+
+The routes live under `management.prefix` and under `/api/1/me/api_tokens/`,
+as in later udata versions. The application authenticates the caller before
+calling `ManagementRoutes.handle`, exactly as for a proxied request, and
+never forwards these paths upstream. Plain ASGI keeps them free of framework
+layers and lets the body be read with a hard size limit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from bson import ObjectId
+
+from gateway.authenticator import Authenticator, Identity
+from gateway.config import Config
+from gateway.errors import ClientDisconnected, InvalidRequestBody
+from gateway.openapi import build_openapi_document
+from gateway.responses import JSON_CONTENT_TYPE, send_error, send_json
+from gateway.store import parse_user_id
+from gateway.token_manager import DEFAULT_SCOPES, TOKEN_KIND, RevokeOutcome, TokenManager
+from gateway.token_request import parse_create_request, read_body
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+ALIAS_PREFIX = "/api/1/me/api_tokens/"
+ADMIN_SCOPE = "admin"
+NOT_FOUND_MESSAGE = "Token not found"
+NO_STORE = (b"cache-control", b"no-store")
+COLLECTION_METHODS = b"GET, POST"
+TOKEN_METHODS = b"DELETE"
+
+
+class ManagementRoutes:
+    """Serve the management routes for an authenticated caller.
+
+    Every answer is JSON with `Cache-Control: no-store`. Raises
+    `StoreUnavailable` before anything is sent when the store cannot answer.
+    """
+
+    def __init__(self, manager: TokenManager, authenticator: Authenticator, config: Config) -> None:
+        self.manager = manager
+        self.authenticator = authenticator
+        self.allowed_scopes = tuple(config.management.allowed_scopes)
+        self.prefixes = tuple(dict.fromkeys((config.management.prefix, ALIAS_PREFIX)))
+        self._bare_prefixes = frozenset(prefix.rstrip("/") for prefix in self.prefixes)
+        document = build_openapi_document(
+            self.prefixes, config.auth.header, self.allowed_scopes, config.cache.ttl_seconds
+        )
+        self.openapi_body = json.dumps(document, separators=(",", ":")).encode()
+
+    def owns(self, path: str) -> bool:
+        """Tell whether `path` belongs to the management routes (and must never go upstream)."""
+        return path in self._bare_prefixes or path.startswith(self.prefixes)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, identity: Identity) -> None:
+        path = scope["path"]
+        prefix = next((prefix for prefix in self.prefixes if path.startswith(prefix)), None)
+        remainder = path[len(prefix) :] if prefix is not None else ""
+
+        if remainder == "":
+            await self._collection(scope, receive, send, identity)
+            return
+        token_id = remainder.removesuffix("/")
+        if "/" in token_id:
+            await send_error(send, 404, "Not found", [NO_STORE])
+            return
+        await self._token(scope, send, identity, token_id)
+
+    async def serve_openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await _method_not_allowed(send, b"GET, HEAD")
+            return
+        headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(self.openapi_body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.openapi_body})
+
+    async def _collection(self, scope: Scope, receive: Receive, send: Send, identity: Identity) -> None:
+        method = scope["method"]
+        if method == "GET":
+            await self._list(send, identity)
+        elif method == "POST":
+            await self._create(scope, receive, send, identity)
+        else:
+            await _method_not_allowed(send, COLLECTION_METHODS)
+
+    async def _token(self, scope: Scope, send: Send, identity: Identity, token_id: str) -> None:
+        if scope["method"] != "DELETE":
+            await _method_not_allowed(send, TOKEN_METHODS)
+            return
+        # A malformed id gets the same answer as an unknown one or another
+        # user's, so the answer reveals nothing about other users' tokens.
+        if not ObjectId.is_valid(token_id) or len(token_id) != 24:
+            await send_error(send, 404, NOT_FOUND_MESSAGE, [NO_STORE])
+            return
+        await self._revoke(send, identity, ObjectId(token_id))
+
+    async def _list(self, send: Send, identity: Identity) -> None:
+        documents = await self.manager.list(parse_user_id(identity.user_id))
+
+        now = datetime.datetime.now(datetime.UTC)
+        await send_json(send, 200, [_listed_token(document, now) for document in documents], [NO_STORE])
+
+    async def _create(self, scope: Scope, receive: Receive, send: Send, identity: Identity) -> None:
+        try:
+            body = await read_body(receive, _content_length(scope["headers"]))
+            request = parse_create_request(body, self.allowed_scopes, datetime.datetime.now(datetime.UTC))
+        except InvalidRequestBody as exc:
+            await _send_invalid_body(send, exc)
+            return
+        except ClientDisconnected:
+            logger.info("The client left before sending its token-creation body; nothing was created.")
+            return
+
+        scopes = request.scopes or DEFAULT_SCOPES
+        missing = _scopes_beyond(identity.scopes, scopes)
+        if missing:
+            message = f"The calling token cannot grant the scopes {', '.join(missing)}: it does not hold them."
+            await send_error(send, 403, message, [NO_STORE])
+            return
+
+        plaintext, document = await self.manager.create(
+            parse_user_id(identity.user_id), request.name, request.expires_at, scopes
+        )
+        logger.info("Created token %s for user %s through the management routes.", document["_id"], identity.user_id)
+        await send_json(send, 201, {**_token_metadata(document), "token": plaintext}, [NO_STORE])
+
+    async def _revoke(self, send: Send, identity: Identity, token_id: ObjectId) -> None:
+        revocation = await self.manager.revoke(token_id, parse_user_id(identity.user_id))
+        if revocation.outcome is RevokeOutcome.NOT_FOUND:
+            await send_error(send, 404, NOT_FOUND_MESSAGE, [NO_STORE])
+            return
+
+        # Evicted in both cases: another process may have revoked the token
+        # while this one still holds it in its cache.
+        self.authenticator.evict_token(token_id)
+        if revocation.outcome is RevokeOutcome.ALREADY_REVOKED:
+            await send_error(send, 410, "Token already revoked", [NO_STORE])
+            return
+        logger.info("Revoked token %s of user %s through the management routes.", token_id, identity.user_id)
+        await send({"type": "http.response.start", "status": 204, "headers": [NO_STORE]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _scopes_beyond(held: Sequence[str], requested: Sequence[str]) -> list[str]:
+    # An admin token has the full access of its owner, so it may grant any
+    # allowed scope; any other token may grant only the scopes it holds.
+    if ADMIN_SCOPE in held:
+        return []
+    return [scope for scope in requested if scope not in held]
+
+
+def _token_metadata(document: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": str(document["_id"]),
+        "name": document.get("name"),
+        "token_prefix": document.get("token_prefix") or "",
+        "scopes": list(document.get("scopes") or []),
+        "kind": document.get("kind") or TOKEN_KIND,
+        "created_at": _iso(document.get("created_at")),
+        "expires_at": _iso(document.get("expires_at")),
+    }
+
+
+def _listed_token(document: dict[str, Any], now: datetime.datetime) -> dict[str, Any]:
+    expires_at = _utc(document.get("expires_at"))
+    return {
+        **_token_metadata(document),
+        "last_used_at": _iso(document.get("last_used_at")),
+        "user_agents": list(document.get("user_agents") or []),
+        "expired": expires_at is not None and expires_at <= now,
+    }
+
+
+def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
+    # The store client is tz_aware; a naive value is UTC by udata's convention.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=datetime.UTC)
+
+
+def _iso(value: datetime.datetime | None) -> str | None:
+    value = _utc(value)
+    return None if value is None else value.isoformat(timespec="milliseconds")
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                # Servers reject such requests before the application sees
+                # them; were one to pass, the limit still holds while reading.
+                return None
+    return None
+
+
+async def _send_invalid_body(send: Send, error: InvalidRequestBody) -> None:
+    payload: dict[str, Any] = {"message": str(error)}
+    if error.errors:
+        payload["errors"] = error.errors
+    await send_json(send, error.status, payload, [NO_STORE])
+
+
+async def _method_not_allowed(send: Send, allowed: bytes) -> None:
+    await send_error(send, 405, "Method not allowed", [(b"allow", allowed), NO_STORE])
