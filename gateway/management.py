@@ -209,7 +209,12 @@ async def _send_invalid_body(send: Send, error: InvalidRequestBody) -> None:
     payload: dict[str, Any] = {"message": str(error)}
     if error.errors:
         payload["errors"] = error.errors
-    await send_json(send, error.status, payload, [NO_STORE])
+    headers = [NO_STORE]
+    if error.status == 413:
+        # The rest of the body is never read, so the connection cannot carry
+        # another request: closing it spares the server from waiting on it.
+        headers.append((b"connection", b"close"))
+    await send_json(send, error.status, payload, headers)
 
 
 async def _method_not_allowed(send: Send, allowed: bytes) -> None:
