@@ -12,20 +12,25 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from bson import ObjectId
 
 from gateway.config import Config, load_config
 from gateway.embedded import store_uri
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import configure_logging
 from gateway.store import TokenStore, parse_user_id
-from gateway.token_manager import TokenManager
+from gateway.token_manager import RevokeOutcome, TokenManager
+from gateway.token_views import iso, listed_token
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 CONFIG_FILE_VARIABLE = "GATEWAY_CONFIG_FILE"
+
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +77,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--json", action="store_true", help="print the token and its metadata as JSON")
     create.set_defaults(run=_create_token)
+
+    listing = tokens.add_parser("list", help="list a user's tokens that are not revoked, newest first")
+    _add_config_argument(listing)
+    listing.add_argument("--user", required=True, help="owner id; 24 hex digits are read as an ObjectId")
+    listing.add_argument("--json", action="store_true", help="print a JSON array, as the management route does")
+    listing.set_defaults(run=_list_tokens)
+
+    revoke = tokens.add_parser("revoke", help="revoke a token; its document is kept for audit")
+    _add_config_argument(revoke)
+    revoke.add_argument("token_id", metavar="TOKEN_ID", type=_parse_token_id, help="token id (24 hex digits)")
+    revoke.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    revoke.set_defaults(run=_revoke_token)
     return parser
 
 
@@ -143,6 +160,100 @@ def _create_token(arguments: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _list_tokens(arguments: argparse.Namespace) -> int:
+    config = _load(arguments)
+    configure_logging(config.logging, stream=sys.stderr)
+    user = parse_user_id(arguments.user)
+    documents = _with_manager(config, lambda manager: manager.list(user))
+
+    now = datetime.datetime.now(datetime.UTC)
+    tokens = [listed_token(document, now) for document in documents]
+    if arguments.json:
+        print(json.dumps(tokens))
+    elif not tokens:
+        print(f"User {arguments.user} has no tokens that are not revoked.", file=sys.stderr)
+    else:
+        print(_token_table(tokens))
+    return EXIT_OK
+
+
+def _revoke_token(arguments: argparse.Namespace) -> int:
+    config = _load(arguments)
+    configure_logging(config.logging, stream=sys.stderr)
+    token_id = arguments.token_id
+    revocation = _with_manager(config, lambda manager: manager.revoke(token_id))
+
+    if revocation.document is None:
+        print(f"error: no token has the id {token_id}.", file=sys.stderr)
+        return EXIT_FAILURE
+    document = revocation.document
+    if arguments.json:
+        shown = {"id": str(token_id), "outcome": revocation.outcome.value, "user": str(document["user"])}
+        print(json.dumps({**shown, "revoked_at": iso(document.get("revoked_at"))}))
+    if revocation.outcome is RevokeOutcome.ALREADY_REVOKED:
+        print(f"Token {token_id} was already revoked at {iso(document.get('revoked_at'))}.", file=sys.stderr)
+        return EXIT_OK
+    print(
+        f"Revoked token {token_id} ({document.get('token_prefix') or '-'}...) of user {document['user']}. "
+        f"Running gateways stop accepting it within cache.ttl_seconds ({config.cache.ttl_seconds:g} s).",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _with_manager(config: Config, operation: Callable[[TokenManager], Awaitable[T]]) -> T:
+    """Run `operation` with a manager on the configured store, then close the store."""
+
+    async def run(uri: str) -> T:
+        store = TokenStore.connect(uri, config.store)
+        try:
+            return await operation(TokenManager(store, config.tokens))
+        finally:
+            await store.close()
+
+    with store_uri(config.store.uri, config.store.embedded_path) as uri:
+        return asyncio.run(run(uri))
+
+
+def _token_table(tokens: list[dict[str, Any]]) -> str:
+    header = ("ID", "PREFIX", "NAME", "CREATED", "LAST USED", "EXPIRES", "USER AGENTS")
+    rows = [header]
+    for token in tokens:
+        expires = _short_time(token["expires_at"], "never")
+        rows.append(
+            (
+                token["id"],
+                token["token_prefix"] or "-",
+                _printable_text(token["name"] or "-"),
+                _short_time(token["created_at"], "-"),
+                _short_time(token["last_used_at"], "never"),
+                f"{expires} (expired)" if token["expired"] else expires,
+                str(len(token["user_agents"])),
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _short_time(value: str | None, missing: str) -> str:
+    # "2026-12-04T20:01:09.123+00:00" becomes "2026-12-04 20:01 UTC".
+    return missing if value is None else value[:16].replace("T", " ") + " UTC"
+
+
+def _printable_text(text: str) -> str:
+    # Names written by other tools may hold control characters, which a
+    # terminal would interpret; they are shown escaped.
+    return "".join(character if character.isprintable() else ascii(character)[1:-1] for character in text)
+
+
+def _parse_token_id(text: str) -> ObjectId:
+    if len(text) != 24 or not ObjectId.is_valid(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token id: expected 24 hexadecimal digits")
+    return ObjectId(text)
 
 
 def _parse_expiry(text: str) -> datetime.datetime:

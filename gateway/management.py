@@ -23,8 +23,9 @@ from gateway.errors import ClientDisconnected, InvalidRequestBody
 from gateway.openapi import build_openapi_document
 from gateway.responses import JSON_CONTENT_TYPE, send_error, send_json
 from gateway.store import parse_user_id
-from gateway.token_manager import DEFAULT_SCOPES, TOKEN_KIND, RevokeOutcome, TokenManager
+from gateway.token_manager import DEFAULT_SCOPES, RevokeOutcome, TokenManager
 from gateway.token_request import parse_create_request, read_body
+from gateway.token_views import listed_token, token_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class ManagementRoutes:
         documents = await self.manager.list(parse_user_id(identity.user_id))
 
         now = datetime.datetime.now(datetime.UTC)
-        await send_json(send, 200, [_listed_token(document, now) for document in documents], [NO_STORE])
+        await send_json(send, 200, [listed_token(document, now) for document in documents], [NO_STORE])
 
     async def _create(self, scope: Scope, receive: Receive, send: Send, identity: Identity) -> None:
         try:
@@ -132,7 +133,7 @@ class ManagementRoutes:
             parse_user_id(identity.user_id), request.name, request.expires_at, scopes
         )
         logger.info("Created token %s for user %s through the management routes.", document["_id"], identity.user_id)
-        await send_json(send, 201, {**_token_metadata(document), "token": plaintext}, [NO_STORE])
+        await send_json(send, 201, {**token_metadata(document), "token": plaintext}, [NO_STORE])
 
     async def _revoke(self, send: Send, identity: Identity, token_id: ObjectId) -> None:
         revocation = await self.manager.revoke(token_id, parse_user_id(identity.user_id))
@@ -157,40 +158,6 @@ def _scopes_beyond(held: Sequence[str], requested: Sequence[str]) -> list[str]:
     if ADMIN_SCOPE in held:
         return []
     return [scope for scope in requested if scope not in held]
-
-
-def _token_metadata(document: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": str(document["_id"]),
-        "name": document.get("name"),
-        "token_prefix": document.get("token_prefix") or "",
-        "scopes": list(document.get("scopes") or []),
-        "kind": document.get("kind") or TOKEN_KIND,
-        "created_at": _iso(document.get("created_at")),
-        "expires_at": _iso(document.get("expires_at")),
-    }
-
-
-def _listed_token(document: dict[str, Any], now: datetime.datetime) -> dict[str, Any]:
-    expires_at = _utc(document.get("expires_at"))
-    return {
-        **_token_metadata(document),
-        "last_used_at": _iso(document.get("last_used_at")),
-        "user_agents": list(document.get("user_agents") or []),
-        "expired": expires_at is not None and expires_at <= now,
-    }
-
-
-def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
-    # The store client is tz_aware; a naive value is UTC by udata's convention.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=datetime.UTC)
-
-
-def _iso(value: datetime.datetime | None) -> str | None:
-    value = _utc(value)
-    return None if value is None else value.isoformat(timespec="milliseconds")
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
+import json
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,94 @@ def test_embedded_store_keeps_tokens_across_runs(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr
     assert (tmp_path / "store" / "data").is_dir()
     assert not (tmp_path / "store" / "server.json").exists()
+
+
+def test_tokens_list_prints_table_and_json(mongodb_uri: str, database_name: str, mongo: Any) -> None:
+    environ = store_environment(mongodb_uri, database_name)
+    user = ObjectId()
+    now = datetime.datetime.now(datetime.UTC)
+    mongo.api_token.insert_many(
+        [
+            {"token_hash": "1" * 64, "token_prefix": "udata_old", "user": user, "name": "old", "created_at": now},
+            {
+                "token_hash": "2" * 64,
+                "token_prefix": "udata_new",
+                "user": user,
+                "name": "new\x1b[31m",
+                "created_at": now + datetime.timedelta(seconds=1),
+                "last_used_at": now,
+                "user_agents": ["curl/8"],
+                "expires_at": datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC),
+            },
+            {"token_hash": "3" * 64, "user": user, "name": "gone", "created_at": now, "revoked_at": now},
+        ]
+    )
+
+    human = run_cli("tokens", "list", "--user", str(user), environ=environ)
+    machine = run_cli("tokens", "list", "--user", str(user), "--json", environ=environ)
+
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "PREFIX", "NAME"]
+    assert "new\\x1b[31m" in lines[1]
+    assert "\x1b" not in human.stdout
+    assert "2024-01-01 00:00 UTC (expired)" in lines[1]
+    assert "never" in lines[2]
+    assert len(lines) == 3
+    assert machine.returncode == 0, machine.stderr
+    tokens = json.loads(machine.stdout)
+    assert [token["name"] for token in tokens] == ["new\x1b[31m", "old"]
+    assert tokens[0]["expired"] is True
+    assert tokens[0]["user_agents"] == ["curl/8"]
+    assert "token_hash" not in machine.stdout
+    assert "1" * 64 not in machine.stdout
+
+
+def test_tokens_list_empty_user(mongodb_uri: str, database_name: str, mongo: Any) -> None:
+    result = run_cli("tokens", "list", "--user", "nobody", environ=store_environment(mongodb_uri, database_name))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "no tokens" in result.stderr
+
+
+def test_tokens_revoke_outcomes(mongodb_uri: str, database_name: str, mongo: Any) -> None:
+    environ = store_environment(mongodb_uri, database_name)
+    token_id = mongo.api_token.insert_one(
+        {"token_hash": "4" * 64, "token_prefix": "udata_abcdefgh", "user": "robot-1", "revoked_at": None}
+    ).inserted_id
+
+    first = run_cli("tokens", "revoke", str(token_id), environ=environ)
+    second = run_cli("tokens", "revoke", str(token_id), "--json", environ=environ)
+    unknown = run_cli("tokens", "revoke", str(ObjectId()), environ=environ)
+    malformed = run_cli("tokens", "revoke", "not-an-id", environ=environ)
+
+    assert first.returncode == 0, first.stderr
+    assert f"Revoked token {token_id} (udata_abcdefgh...) of user robot-1" in first.stderr
+    assert "within cache.ttl_seconds (10 s)" in first.stderr
+    stored = mongo.api_token.find_one({"_id": token_id})
+    assert stored["revoked_at"] is not None
+    assert second.returncode == 0, second.stderr
+    outcome = json.loads(second.stdout)
+    assert outcome["outcome"] == "already_revoked"
+    assert outcome["user"] == "robot-1"
+    assert outcome["revoked_at"] == stored["revoked_at"].isoformat(timespec="milliseconds")
+    assert "already revoked" in second.stderr
+    assert unknown.returncode == 1
+    assert "no token has the id" in unknown.stderr
+    assert malformed.returncode == 2
+    assert "24 hexadecimal digits" in malformed.stderr
+
+
+def test_tokens_create_scope_checked(mongodb_uri: str, database_name: str, mongo: Any) -> None:
+    environ = {**store_environment(mongodb_uri, database_name), "GATEWAY_MANAGEMENT_ALLOWED_SCOPES": "admin,read"}
+
+    allowed = run_cli("tokens", "create", "--user", "u", "--scope", "read", "--json", environ=environ)
+    rejected = run_cli("tokens", "create", "--user", "u", "--scope", "superuser", environ=environ)
+
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["scopes"] == ["read"]
+    assert mongo.api_token.find_one({"user": "u"})["scopes"] == ["read"]
+    assert rejected.returncode == 2
+    assert "superuser is not allowed" in rejected.stderr
+    assert mongo.api_token.count_documents({}) == 1
