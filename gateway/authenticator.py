@@ -65,6 +65,7 @@ class Authenticator:
             cache_config.negative_max_entries, cache_config.negative_ttl_seconds
         )
         self._pending: dict[str, asyncio.Future[Identity]] = {}
+        self._evictions = 0
 
     async def authenticate(self, key: str) -> Identity:
         """Return the identity owning `key`.
@@ -98,6 +99,7 @@ class Authenticator:
         Scans the positive cache: revocations are rare, and the scan of
         100,000 entries takes milliseconds.
         """
+        self._evictions += 1
         stale = [cache_key for cache_key, identity in self.positive.items() if identity.token_id == token_id]
         for cache_key in stale:
             self.positive.pop(cache_key, None)
@@ -109,6 +111,7 @@ class Authenticator:
 
     async def _look_up(self, key: str, cache_key: str) -> Identity:
         hashes = [cache_key] + [hash_token(secret, key) for secret in self.secrets[1:]]
+        evictions_before = self._evictions
         document = await self.store.find_token(hashes)
         if document is None:
             self._remember_failure(cache_key, AuthFailureReason.INVALID)
@@ -118,7 +121,10 @@ class Authenticator:
             self._remember_failure(cache_key, reason)
 
         identity = _identity_from(document)
-        self.positive[cache_key] = identity
+        # A document read before an eviction may predate a revocation, so
+        # it serves this request but is not cached.
+        if self._evictions == evictions_before:
+            self.positive[cache_key] = identity
         return identity
 
     def _failure_reason(self, document: dict[str, Any]) -> AuthFailureReason | None:

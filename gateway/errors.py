@@ -76,7 +76,7 @@ class AuthenticationFailed(GatewayError):
 class InvalidRequestBody(GatewayError):
     """A request body the gateway reads itself cannot be used.
 
-    `status` is the HTTP status to answer (400 or 413). `errors` maps each
+    `status` is the HTTP status of the response (400 or 413). `errors` maps each
     invalid field to its problem; it is empty when the body as a whole is at
     fault (too large, not JSON, not an object).
     """

@@ -44,8 +44,8 @@ TOKEN_METHODS = b"DELETE"
 class ManagementRoutes:
     """Serve the management routes for an authenticated caller.
 
-    Every answer is JSON with `Cache-Control: no-store`. Raises
-    `StoreUnavailable` before anything is sent when the store cannot answer.
+    Every response is JSON with `Cache-Control: no-store`. Raises
+    `StoreUnavailable`, before anything is sent, when the store fails.
     """
 
     def __init__(self, manager: TokenManager, authenticator: Authenticator, config: Config) -> None:
@@ -98,8 +98,8 @@ class ManagementRoutes:
         if scope["method"] != "DELETE":
             await _method_not_allowed(send, TOKEN_METHODS)
             return
-        # A malformed id gets the same answer as an unknown one or another
-        # user's, so the answer reveals nothing about other users' tokens.
+        # A malformed id gets the same response as an unknown one or another
+        # user's, so the response reveals nothing about other users' tokens.
         if not ObjectId.is_valid(token_id) or len(token_id) != 24:
             await send_error(send, 404, NOT_FOUND_MESSAGE, [NO_STORE])
             return
@@ -141,8 +141,8 @@ class ManagementRoutes:
             await send_error(send, 404, NOT_FOUND_MESSAGE, [NO_STORE])
             return
 
-        # Evicted in both cases: another process may have revoked the token
-        # while this one still holds it in its cache.
+        # Evicted in both cases, because another process may have revoked the
+        # token while this one still had it in its cache.
         self.authenticator.evict_token(token_id)
         if revocation.outcome is RevokeOutcome.ALREADY_REVOKED:
             await send_error(send, 410, "Token already revoked", [NO_STORE])
@@ -154,7 +154,7 @@ class ManagementRoutes:
 
 def _scopes_beyond(held: Sequence[str], requested: Sequence[str]) -> list[str]:
     # An admin token has the full access of its owner, so it may grant any
-    # allowed scope; any other token may grant only the scopes it holds.
+    # allowed scope. Any other token may grant only its own scopes.
     if ADMIN_SCOPE in held:
         return []
     return [scope for scope in requested if scope not in held]
@@ -166,8 +166,8 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
             try:
                 return int(value)
             except ValueError:
-                # Servers reject such requests before the application sees
-                # them; were one to pass, the limit still holds while reading.
+                # uvicorn rejects such requests before calling the application.
+                # Were one to pass, read_body still enforces the limit.
                 return None
     return None
 

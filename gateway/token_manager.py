@@ -20,7 +20,7 @@ MAX_NAME_LENGTH = 255
 
 
 class RevokeOutcome(enum.Enum):
-    """What a revocation found: the token revoked now, revoked before, or no such token."""
+    """Outcome of a revocation: the token revoked now, revoked before, or no such token."""
 
     REVOKED = "revoked"
     ALREADY_REVOKED = "already_revoked"

@@ -11,7 +11,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -22,7 +22,11 @@ import schemathesis
 from bson import ObjectId
 
 from gateway.app import GatewayApp
+from gateway.authenticator import Authenticator
 from gateway.config import load_config
+from gateway.errors import AuthenticationFailed, AuthFailureReason
+from gateway.store import TokenStore
+from gateway.token_manager import RevokeOutcome, TokenManager
 from gateway.tokens import generate_token
 from tests.conftest import TEST_SECRET
 from tests.support.servers import ThreadedServer
@@ -398,7 +402,7 @@ def test_create_declared_huge_body_rejected_before_sent(shared_gateway: SharedGa
         "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
     )
 
-    # Only the head and a few bytes are sent: an answer proves the gateway did not wait for the body.
+    # Only the head and a few bytes are sent, so a response proves the gateway did not wait for the body.
     status_line = read_status_line(shared_gateway.port, head.encode() + b'{"name":')
 
     assert status_line == b"HTTP/1.1 413 Request Entity Too Large"
@@ -410,7 +414,7 @@ def test_create_chunked_body_stops_at_limit(shared_gateway: SharedGateway, calle
     chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
 
     # Two 16 KB chunks and no final chunk: a gateway that waited for the
-    # whole body would never answer.
+    # whole body would never respond.
     status_line = read_status_line(shared_gateway.port, head.encode() + chunk + chunk)
 
     assert status_line == b"HTTP/1.1 413 Request Entity Too Large"
@@ -625,3 +629,66 @@ def resolve(document: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     for part in node["$ref"].removeprefix("#/").split("/"):
         target = target[part]
     return dict(target)
+
+
+def test_other_gateway_rejects_within_cache_ttl(
+    make_config: Any, start_gateway: Any, echo_upstream: Any, owner: Any, seed_token: Any
+) -> None:
+    _, upstream_server = echo_upstream
+    user, key = owner
+    cache_ttl = 0.5
+    config = make_config(upstream_server.url, cache__ttl_seconds=cache_ttl)
+    first, second = start_gateway(config), start_gateway(config)
+    token, document = seed_token(user)
+    assert httpx.get(f"{second.url}/x", headers={"X-API-KEY": token}).status_code == 200  # cached by the second
+
+    assert call(first, "DELETE", key, f"{PREFIX}{document['_id']}/").status_code == 204
+    time.sleep(cache_ttl + 0.2)
+    response = httpx.get(f"{second.url}/x", headers={"X-API-KEY": token})
+
+    assert response.status_code == 401
+    assert response.json() == {"message": "Revoked API token"}
+
+
+class PausingStore(TokenStore):
+    """A real store whose token lookups wait for `resume` after reading, to interleave a revocation."""
+
+    def __init__(self, *arguments: Any) -> None:
+        super().__init__(*arguments)
+        self.read_done = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def find_token(self, token_hashes: Any) -> dict[str, Any] | None:
+        document = await super().find_token(token_hashes)
+        self.read_done.set()
+        await self.resume.wait()
+        return document
+
+
+@pytest.fixture
+async def pausing_store(make_config: Any) -> AsyncIterator[PausingStore]:
+    config = make_config()
+    store = PausingStore(TokenStore.connect(config.store.uri, config.store).client, config.store)
+    yield store
+    await store.close()
+
+
+async def test_revoke_during_lookup_not_cached(
+    make_config: Any, pausing_store: PausingStore, owner: Any, seed_token: Any
+) -> None:
+    user, _ = owner
+    config = make_config()
+    authenticator = Authenticator(pausing_store, config.tokens.secret, config.cache)
+    manager = TokenManager(pausing_store, config.tokens)
+    token, document = seed_token(user)
+
+    lookup = asyncio.ensure_future(authenticator.authenticate(token))
+    await pausing_store.read_done.wait()  # the lookup read the token before its revocation
+    assert (await manager.revoke(document["_id"], user)).outcome is RevokeOutcome.REVOKED
+    authenticator.evict_token(document["_id"])
+    pausing_store.resume.set()
+    await lookup
+
+    with pytest.raises(AuthenticationFailed) as failure:
+        await authenticator.authenticate(token)
+    assert failure.value.reason is AuthFailureReason.REVOKED

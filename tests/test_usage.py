@@ -90,7 +90,7 @@ def test_usage_listed_with_at_most_20_agents(
 
 
 async def test_user_agent_cap_holds_across_recorders(store: TokenStore, mongo: Any) -> None:
-    # Two gateway processes share the store; each alone stays under the cap.
+    # Two gateway processes share the store, and each alone stays under the cap.
     token_id = mongo.api_token.insert_one({"token_hash": "a" * 64, "user": "u", "user_agents": []}).inserted_id
     first, second = UsageRecorder(store, LONG_FLUSH_SECONDS), UsageRecorder(store, LONG_FLUSH_SECONDS)
     for number in range(15):
