@@ -116,6 +116,7 @@ class ManagementRoutes:
             body = await read_body(receive, _content_length(scope["headers"]))
             request = parse_create_request(body, self.allowed_scopes, datetime.datetime.now(datetime.UTC))
         except InvalidRequestBody as exc:
+            logger.info("Rejected token creation for user %s with %d: %r", identity.user_id, exc.status, str(exc))
             await _send_invalid_body(send, exc)
             return
         except ClientDisconnected:
@@ -125,6 +126,9 @@ class ManagementRoutes:
         scopes = request.scopes or DEFAULT_SCOPES
         missing = _scopes_beyond(identity.scopes, scopes)
         if missing:
+            logger.info(
+                "Rejected token creation for user %s: scopes %s exceed the calling token's.", identity.user_id, missing
+            )
             message = f"The calling token cannot grant the scopes {', '.join(missing)}: it does not hold them."
             await send_error(send, 403, message, [NO_STORE])
             return
@@ -138,6 +142,7 @@ class ManagementRoutes:
     async def _revoke(self, send: Send, identity: Identity, token_id: ObjectId) -> None:
         revocation = await self.manager.revoke(token_id, parse_user_id(identity.user_id))
         if revocation.outcome is RevokeOutcome.NOT_FOUND:
+            logger.info("User %s tried to revoke token %s, which is not one of theirs.", identity.user_id, token_id)
             await send_error(send, 404, NOT_FOUND_MESSAGE, [NO_STORE])
             return
 

@@ -68,7 +68,8 @@ def parse_create_request(body: bytes, allowed_scopes: Collection[str], now: date
     """
     fields = _decode_object(body) if body.strip() else {}
 
-    errors = {name: "is not a known field" for name in fields if name not in CREATE_FIELDS}
+    # Unknown names are cut, so a client cannot make the error list as large as its body.
+    errors = {name[:64]: "is not a known field" for name in fields if name not in CREATE_FIELDS}
     name = _checked(errors, "name", _parse_name, fields.get("name"))
     expires_at = _checked(errors, "expires_at", _parse_expiry, fields.get("expires_at"), now)
     scopes = _checked(errors, "scopes", _parse_scopes, fields.get("scopes"), allowed_scopes)

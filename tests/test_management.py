@@ -321,6 +321,7 @@ def test_create_expiry_normalized_to_utc(shared_gateway: SharedGateway, caller: 
         ({"scopes": [1]}, "scopes"),
         ({"owner": "someone-else"}, "owner"),  # unknown field
         ({"user": "x", "name": "ok"}, "user"),
+        ({"x" * 1000: 1}, "x" * 64),  # a long unknown name is cut in the response
     ],
 )
 def test_create_invalid_field_named(shared_gateway: SharedGateway, caller: Any, body: Any, field: str) -> None:
