@@ -63,6 +63,7 @@ def _list_operation(suffix: str) -> dict[str, Any]:
         "responses": {
             "200": _json_response("The caller's tokens", {"$ref": "#/components/schemas/TokenList"}),
             "401": {"$ref": "#/components/responses/Unauthorized"},
+            "403": {"$ref": "#/components/responses/Forbidden"},
             "503": {"$ref": "#/components/responses/StoreUnavailable"},
         },
     }
@@ -85,7 +86,9 @@ def _create_operation(suffix: str) -> dict[str, Any]:
             "201": _json_response("The token was created", {"$ref": "#/components/schemas/CreatedToken"}),
             "400": _json_response("The body is not JSON, not an object, or a field is invalid", _error_ref()),
             "401": {"$ref": "#/components/responses/Unauthorized"},
-            "403": _json_response("A requested scope is not held by the calling token", _error_ref()),
+            "403": _json_response(
+                "The calling token lacks a requested scope, or has none of `auth.required_scopes`", _error_ref()
+            ),
             "413": _json_response(f"The body is larger than {MAX_BODY_BYTES} bytes", _error_ref()),
             "503": {"$ref": "#/components/responses/StoreUnavailable"},
         },
@@ -113,6 +116,7 @@ def _revoke_operation(suffix: str, cache_ttl: float) -> dict[str, Any]:
         "responses": {
             "204": {"description": "The token is revoked"},
             "401": {"$ref": "#/components/responses/Unauthorized"},
+            "403": {"$ref": "#/components/responses/Forbidden"},
             "404": _json_response(
                 "No token of the caller has this id: the id is unknown, malformed or another user's",
                 _error_ref(),
@@ -182,6 +186,7 @@ def _shared_responses(key_header: str) -> dict[str, Any]:
                 },
             },
         },
+        "Forbidden": _json_response("The calling token has none of the scopes in `auth.required_scopes`", _error_ref()),
         "StoreUnavailable": {
             **_json_response("The token store did not answer in time", _error_ref()),
             "headers": {"Retry-After": {"schema": {"type": "string"}}},

@@ -693,3 +693,19 @@ async def test_revoke_during_lookup_not_cached(
     with pytest.raises(AuthenticationFailed) as failure:
         await authenticator.authenticate(token)
     assert failure.value.reason is AuthFailureReason.REVOKED
+
+
+def test_required_scopes_apply_to_management(
+    make_config: Any, start_gateway: Any, seed_user: Any, seed_token: Any
+) -> None:
+    gateway = start_gateway(make_config(auth__required_scopes=["write"], management__allowed_scopes=["admin", "write"]))
+    user = seed_user()
+    admin_key, _ = seed_token(user, scopes=["admin"])
+    writer_key, _ = seed_token(user, scopes=["write"])
+
+    forbidden = call(gateway, "GET", admin_key)
+    allowed = call(gateway, "GET", writer_key)
+
+    assert forbidden.status_code == 403
+    assert forbidden.json() == {"message": "API token lacks a required scope"}
+    assert allowed.status_code == 200
