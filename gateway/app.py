@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
 from gateway.forwarded import client_address, original_method, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
+from gateway.legacy_keys import LegacyKeyStore
 from gateway.management import ManagementRoutes
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
@@ -40,7 +41,8 @@ class GatewayApp:
     def __init__(self, config: Config, event_listeners: Sequence[Any] = ()) -> None:
         self.config = config
         self.store = TokenStore.connect(config.store.uri, config.store, event_listeners)
-        self.authenticator = Authenticator(self.store, config.tokens.secret, config.cache)
+        self.legacy_keys = _legacy_key_store(config, self.store)
+        self.authenticator = Authenticator(self.store, config.tokens.secret, config.cache, legacy_keys=self.legacy_keys)
         self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
         self.upstream = UpstreamProxy(config.upstream) if config.upstream.url else None
         self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
@@ -208,6 +210,8 @@ class GatewayApp:
     async def startup(self) -> None:
         try:
             await self.store.ensure_indexes()
+            if self.legacy_keys is not None:
+                await self.legacy_keys.ensure_index()
         except StoreUnavailable as exc:
             logger.warning(
                 "The token store is unreachable at start-up; requests with keys get 503 until it answers: %s", exc
@@ -239,6 +243,12 @@ class GatewayApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _legacy_key_store(config: Config, store: TokenStore) -> LegacyKeyStore | None:
+    if not config.auth.legacy_fallback or store.users is None:
+        return None
+    return LegacyKeyStore(store.users, config.auth.legacy_field)
 
 
 def _decode_key(raw_key: bytes) -> str:

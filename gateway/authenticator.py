@@ -3,7 +3,9 @@
 Positive answers stay in a TTL cache for `cache.ttl_seconds`, but never past
 the token's `expires_at`. Negative answers (unknown, revoked, expired,
 inactive owner) stay in a smaller cache for `cache.negative_ttl_seconds`.
-Concurrent misses for one key share a single store query.
+Concurrent misses for one key share a single store query. During a migration
+from plaintext keys, a key missing from `api_token` is looked up in the
+users' legacy field and, when exactly one user holds it, migrated on the spot.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from cachetools import TLRUCache, TTLCache
+from pymongo.errors import DuplicateKeyError
 
 from gateway.config import CacheConfig
 from gateway.errors import AuthenticationFailed, AuthFailureReason
+from gateway.legacy_keys import LegacyKeyStore, migrated_token
 from gateway.store import OWNER_FIELD, TokenStore
 from gateway.tokens import hash_token, is_well_formed_key
 
@@ -46,7 +50,10 @@ class Identity:
 
 
 class Authenticator:
-    """Authenticate keys against a `TokenStore` with positive and negative caches."""
+    """Authenticate keys against a `TokenStore` with positive and negative caches.
+
+    With `legacy_keys`, a key unknown to the store is looked up there too.
+    """
 
     def __init__(
         self,
@@ -54,8 +61,10 @@ class Authenticator:
         secrets: Sequence[str],
         cache_config: CacheConfig,
         clock: Callable[[], float] = time.time,
+        legacy_keys: LegacyKeyStore | None = None,
     ) -> None:
         self.store = store
+        self.legacy_keys = legacy_keys
         self.secrets = tuple(secrets)
         self.cache_ttl = cache_config.ttl_seconds
         self.clock = clock
@@ -113,6 +122,8 @@ class Authenticator:
         hashes = [cache_key] + [hash_token(secret, key) for secret in self.secrets[1:]]
         evictions_before = self._evictions
         document = await self.store.find_token(hashes)
+        if document is None and self.legacy_keys is not None:
+            document = await self._migrate_legacy_key(key, hashes, self.legacy_keys)
         if document is None:
             self._remember_failure(cache_key, AuthFailureReason.INVALID)
 
@@ -126,6 +137,35 @@ class Authenticator:
         if self._evictions == evictions_before:
             self.positive[cache_key] = identity
         return identity
+
+    async def _migrate_legacy_key(
+        self, key: str, hashes: list[str], legacy_keys: LegacyKeyStore
+    ) -> dict[str, Any] | None:
+        """Store the token of a legacy key held by exactly one user; return it with its owner, or None.
+
+        A key shared by several users returns None. Raises
+        `AuthenticationFailed` when the owner is inactive or deleted, without
+        storing anything, and `StoreUnavailable` when the store fails.
+        """
+        holders = await legacy_keys.find_holders(key)
+        if len(holders) != 1:
+            if holders:
+                logger.warning(
+                    "Rejected a legacy key held by several users: %s.", ", ".join(str(h["_id"]) for h in holders)
+                )
+            return None
+        owner = holders[0]
+        if not _is_active_owner([owner]):
+            self._remember_failure(hashes[0], AuthFailureReason.INACTIVE_USER)
+
+        document = migrated_token(owner["_id"], key, self.secrets[0], datetime.datetime.now(datetime.UTC))
+        try:
+            token_id = await self.store.insert_token(document)
+        except DuplicateKeyError:
+            # Another gateway process migrated the key since our lookup: judge the stored token.
+            return await self.store.find_token(hashes)
+        logger.info("Migrated the legacy key of user %s to token %s.", owner["_id"], token_id)
+        return {**document, "_id": token_id, OWNER_FIELD: [owner]}
 
     def _failure_reason(self, document: dict[str, Any]) -> AuthFailureReason | None:
         if document.get("revoked_at") is not None:

@@ -18,9 +18,12 @@ from typing import Any, TypeVar
 from bson import ObjectId
 
 from gateway.config import Config, load_config
+from gateway.console import ProgressDisplay, migration_summary
 from gateway.embedded import store_uri
 from gateway.errors import ConfigError, GatewayError
+from gateway.legacy_keys import LegacyKeyStore
 from gateway.logs import configure_logging
+from gateway.migration import DEFAULT_BATCH_SIZE, LegacyKeyMigration, MigrationReport
 from gateway.store import TokenStore, parse_user_id
 from gateway.token_manager import RevokeOutcome, TokenManager
 from gateway.token_views import iso, listed_token
@@ -89,6 +92,25 @@ def _build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", metavar="TOKEN_ID", type=_parse_token_id, help="token id (24 hex digits)")
     revoke.add_argument("--json", action="store_true", help="print the outcome as JSON")
     revoke.set_defaults(run=_revoke_token)
+
+    migrate = commands.add_parser(
+        "migrate-legacy-keys", help="hash every user's plaintext legacy key into a token; safe to run again"
+    )
+    _add_config_argument(migrate)
+    migrate.add_argument(
+        "--users-collection", type=_field_name, help="collection of users (default: store.users_collection)"
+    )
+    migrate.add_argument("--field", type=_field_name, help="legacy key field of a user (default: auth.legacy_field)")
+    migrate.add_argument("--dry-run", action="store_true", help="report what would be done and write nothing")
+    migrate.add_argument(
+        "--remove-legacy-field",
+        action="store_true",
+        help="remove each user's legacy field once their token has been read back and verified",
+    )
+    migrate.add_argument(
+        "--batch-size", type=_positive_integer, default=DEFAULT_BATCH_SIZE, help="users read and written per batch"
+    )
+    migrate.set_defaults(run=_migrate_legacy_keys)
     return parser
 
 
@@ -254,6 +276,57 @@ def _parse_token_id(text: str) -> ObjectId:
     if len(text) != 24 or not ObjectId.is_valid(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a token id: expected 24 hexadecimal digits")
     return ObjectId(text)
+
+
+def _migrate_legacy_keys(arguments: argparse.Namespace) -> int:
+    config = _load(arguments)
+    configure_logging(config.logging, stream=sys.stderr)
+    users_collection = arguments.users_collection or config.store.users_collection
+    field = arguments.field or config.auth.legacy_field
+    if not users_collection:
+        print("error: no users collection: set store.users_collection or pass --users-collection", file=sys.stderr)
+        return EXIT_USAGE
+    display = ProgressDisplay(sys.stderr, "users")
+
+    async def migrate(uri: str) -> MigrationReport:
+        store = TokenStore.connect(uri, config.store)
+        legacy_keys = LegacyKeyStore.open(store.client, config.store.database, users_collection, field)
+        migration = LegacyKeyMigration(
+            store,
+            legacy_keys,
+            config.tokens.secret,
+            dry_run=arguments.dry_run,
+            remove_legacy_field=arguments.remove_legacy_field,
+            batch_size=arguments.batch_size,
+        )
+        try:
+            return await migration.run(lambda report: display.update(report.processed, report.total, report.counts()))
+        finally:
+            display.finish()
+            await store.close()
+
+    with store_uri(config.store.uri, config.store.embedded_path) as uri:
+        report = asyncio.run(migrate(uri))
+
+    for line in migration_summary(report, f"{users_collection}.{field}", arguments.remove_legacy_field):
+        print(line)
+    return EXIT_FAILURE if report.has_problems else EXIT_OK
+
+
+def _field_name(text: str) -> str:
+    if not text or text.startswith("$") or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MongoDB field or collection name")
+    return text
+
+
+def _positive_integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _parse_expiry(text: str) -> datetime.datetime:

@@ -97,6 +97,12 @@ def _secrets(values: list[str]) -> str | None:
     return None
 
 
+def _field_name(value: str) -> str | None:
+    if value and not value.startswith("$") and "\0" not in value:
+        return None
+    return "must be a non-empty MongoDB field name that does not start with '$'"
+
+
 def _one_of(*choices: str) -> Check:
     def check(value: str) -> str | None:
         return None if value in choices else "must be one of " + ", ".join(choices)
@@ -137,7 +143,7 @@ class AuthConfig:
     user_header: str = _setting("X-Authenticated-User", _header_name)
     require_key: bool = _setting(False)
     legacy_fallback: bool = _setting(False)
-    legacy_field: str = _setting("apikey")
+    legacy_field: str = _setting("apikey", _field_name)
     auth_request_path: str = _setting("/_auth", _path)
     required_scopes: list[str] = _setting([])
 
@@ -217,10 +223,18 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             values = {}
         sections[name] = _build_section(name, section_type, values, problems)
     problems.extend(f"[{name}] is not a known section" for name in raw)
+    problems.extend(_combination_problems(sections))
 
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
+
+
+def _combination_problems(sections: dict[str, Any]) -> list[str]:
+    auth, store = sections["auth"], sections["store"]
+    if auth.legacy_fallback and not store.users_collection:
+        return ["auth.legacy_fallback = true is invalid: it needs store.users_collection, which holds the legacy keys"]
+    return []
 
 
 def _read_file(path: str | Path | None, problems: list[str]) -> dict[str, Any]:
