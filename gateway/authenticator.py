@@ -162,7 +162,7 @@ class Authenticator:
         try:
             token_id = await self.store.insert_token(document)
         except DuplicateKeyError:
-            # Another gateway process migrated the key since our lookup: judge the stored token.
+            # Another gateway process migrated the key after our lookup, so the stored token decides.
             return await self.store.find_token(hashes)
         logger.info("Migrated the legacy key of user %s to token %s.", owner["_id"], token_id)
         return {**document, "_id": token_id, OWNER_FIELD: [owner]}

@@ -1,4 +1,4 @@
-"""The `gateway` command line: serve, check-config and token administration.
+"""The `gateway` command line: serve, check-config, token administration and the legacy key migration.
 
 Only this module reads argv, prints and chooses exit codes.
 """
@@ -284,7 +284,10 @@ def _migrate_legacy_keys(arguments: argparse.Namespace) -> int:
     users_collection = arguments.users_collection or config.store.users_collection
     field = arguments.field or config.auth.legacy_field
     if not users_collection:
-        print("error: no users collection: set store.users_collection or pass --users-collection", file=sys.stderr)
+        print(
+            "error: no users collection is configured. Set store.users_collection or pass --users-collection.",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     display = ProgressDisplay(sys.stderr, "users")
 

@@ -114,7 +114,7 @@ class LegacyKeyStore:
             yield batch
 
     async def remove_key(self, user_id: Any, key: str) -> bool:
-        """Remove the legacy field of `user_id` if it still holds `key`; return whether it did.
+        """Remove the legacy field of `user_id` if it still contains `key`; return whether it did.
 
         The filter matches the key as well as the user, so a key changed since
         it was read is kept and the change is not lost.

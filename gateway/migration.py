@@ -9,7 +9,7 @@ been read back.
 
 Every step is safe to repeat. The unique index on `token_hash` rejects a
 second token for a key, and a token already stored for the same user counts
-as already present, so a run killed at any moment and started again ends
+as already present. So a run killed at any moment and started again ends
 with every key migrated exactly once.
 """
 
@@ -29,9 +29,9 @@ from gateway.store import TokenStore
 from gateway.tokens import hash_token
 
 DEFAULT_BATCH_SIZE = 500
-# SecantusDB 0.7 answers an `$in` of 50 hashes in about 7 ms but one of 500 in
-# about 540 ms (7,500 tokens, measured with pymongo on a 2-core VM), so token
-# lookups send the hashes in slices of this size.
+# SecantusDB 0.7 takes about 7 ms for an `$in` of 50 hashes but 540 ms for one
+# of 500 (7,500 stored tokens, timed with pymongo on a shared 2-core VM), so
+# token lookups send the hashes in slices of this size.
 LOOKUP_SLICE_SIZE = 50
 DUPLICATE_KEY_ERROR_CODE = 11000
 
@@ -91,7 +91,7 @@ class _Candidate:
 
 @dataclasses.dataclass
 class _KeyIndex:
-    """The first pass: who holds each key hash, and which hashes several users hold."""
+    """The result of the first pass: the first user with each key hash, and the hashes several users share."""
 
     first_holder: dict[str, Any] = dataclasses.field(default_factory=dict)
     shared: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
@@ -199,7 +199,7 @@ class LegacyKeyMigration:
     async def _stored_owners(self, candidates: Iterable[_Candidate]) -> dict[str, Any]:
         """Return the owner of each stored token whose hash is one of the candidates' hashes."""
         hashes = [token_hash for candidate in candidates for token_hash in candidate.hashes]
-        owners = {}
+        owners: dict[str, Any] = {}
         for start in range(0, len(hashes), LOOKUP_SLICE_SIZE):
             query = {"token_hash": {"$in": hashes[start : start + LOOKUP_SLICE_SIZE]}}
             try:
@@ -264,7 +264,7 @@ class LegacyKeyMigration:
         return {}
 
     async def _recheck_duplicates(self, candidates: list[_Candidate], report: MigrationReport) -> list[_Candidate]:
-        """Judge keys whose insert hit the unique index: another process stored them after our lookup."""
+        """Sort out the keys whose insert hit the unique index, because another process stored them after our lookup."""
         stored = await self._stored_owners(candidates)
         present, missing = self._match_stored(candidates, stored, report)
         report.already_present += len(present)

@@ -44,7 +44,7 @@ def test_progress_plain_empty_total_prints_once() -> None:
     assert stream.getvalue() == "0/0 users (100%), 0 users/s: migrated 0\n"
 
 
-def test_progress_terminal_redraws_at_most_ten_times_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_terminal_redraw_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     stream = io.StringIO()
     clock = FakeClock()
