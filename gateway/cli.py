@@ -98,9 +98,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_config_argument(migrate)
     migrate.add_argument(
-        "--users-collection", type=_field_name, help="collection of users (default: store.users_collection)"
+        "--users-collection", type=_collection_name, help="collection of users (default: store.users_collection)"
     )
-    migrate.add_argument("--field", type=_field_name, help="legacy key field of a user (default: auth.legacy_field)")
+    migrate.add_argument(
+        "--field", type=_field_name, help="top-level legacy key field of a user (default: auth.legacy_field)"
+    )
     migrate.add_argument("--dry-run", action="store_true", help="report what would be done and write nothing")
     migrate.add_argument(
         "--remove-legacy-field",
@@ -316,9 +318,15 @@ def _migrate_legacy_keys(arguments: argparse.Namespace) -> int:
     return EXIT_FAILURE if report.has_problems else EXIT_OK
 
 
+def _collection_name(text: str) -> str:
+    if not text or "$" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MongoDB collection name")
+    return text
+
+
 def _field_name(text: str) -> str:
-    if not text or text.startswith("$") or "\0" in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a MongoDB field or collection name")
+    if not text or text.startswith("$") or set(text) & {".", "\0"}:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a top-level MongoDB field name")
     return text
 
 

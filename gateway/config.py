@@ -98,9 +98,9 @@ def _secrets(values: list[str]) -> str | None:
 
 
 def _field_name(value: str) -> str | None:
-    if value and not value.startswith("$") and "\0" not in value:
+    if value and not value.startswith("$") and not set(value) & {".", "\0"}:
         return None
-    return "must be a non-empty MongoDB field name that does not start with '$'"
+    return "must be a top-level MongoDB field name: not empty, no '.', and no '$' at the start"
 
 
 def _one_of(*choices: str) -> Check:
