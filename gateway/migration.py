@@ -189,7 +189,9 @@ class LegacyKeyMigration:
                 others = [other for other in index.shared[hashes[0]] if other != user_id]
                 report.conflicts.append(Problem(user_id, _shared_reason(others)))
             elif holder is None:
-                report.failures.append(Problem(user_id, "the legacy key changed during the migration; run it again"))
+                report.failures.append(
+                    Problem(user_id, "the legacy key changed during the migration, so run the migration again")
+                )
             elif holder != user_id:
                 report.conflicts.append(Problem(user_id, _shared_reason([holder])))
             else:
