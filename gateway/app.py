@@ -16,12 +16,18 @@ from gateway.authenticator import Authenticator, Identity
 from gateway.config import Config
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
 from gateway.forwarded import client_address, original_method, original_path
-from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
+from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, expects_continue, read_key_header
 from gateway.legacy_keys import LegacyKeyStore
 from gateway.management import ManagementRoutes
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
-from gateway.responses import STORE_UNAVAILABLE_MESSAGE, send_error, send_json, unauthorized_headers
+from gateway.responses import (
+    STORE_UNAVAILABLE_MESSAGE,
+    send_error,
+    send_json,
+    send_websocket_error,
+    unauthorized_headers,
+)
 from gateway.store import TokenStore
 from gateway.token_manager import TokenManager
 from gateway.usage import UsageRecorder
@@ -138,21 +144,22 @@ class GatewayApp:
         logger.error(
             "Rejected %s %s with 503 because the token store is unavailable: %s", scope["method"], scope["path"], error
         )
-        await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
+        await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1"), *_closing_headers(scope)])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
         client, method, path = self.describe_request(scope)
         audit_logger.info(
             "Authentication failed: reason=%s client=%s method=%s path=%s", reason.value, client, method, path
         )
-        await send_error(send, 401, reason.message, unauthorized_headers(reason, self.config.auth.header))
+        headers = [*unauthorized_headers(reason, self.config.auth.header), *_closing_headers(scope)]
+        await send_error(send, 401, reason.message, headers)
 
     async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
         client, method, path = self.describe_request(scope)
         audit_logger.info(
             "Access denied: reason=scope token=%s client=%s method=%s path=%s", identity.token_id, client, method, path
         )
-        await send_error(send, 403, FORBIDDEN_MESSAGE)
+        await send_error(send, 403, FORBIDDEN_MESSAGE, _closing_headers(scope))
 
     def describe_request(self, scope: Scope) -> tuple[str, str, str]:
         """Return the client address, method and path for log lines, as trusted proxies report them."""
@@ -167,7 +174,7 @@ class GatewayApp:
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, identity: Identity | None) -> None:
         if self.upstream is None:
-            await send_error(send, 404, "Not found: no upstream is configured")
+            await send_error(send, 404, "Not found: no upstream is configured", _closing_headers(scope))
             return
 
         client = scope.get("client")
@@ -182,10 +189,10 @@ class GatewayApp:
             await self.upstream.forward(scope, receive, send, headers)
         except UpstreamTimeout as exc:
             logger.error("Upstream timed out for %s %s: %s", scope["method"], scope["path"], exc)
-            await send_error(send, 504, "The upstream API did not answer in time")
+            await send_error(send, 504, "The upstream API did not answer in time", _closing_headers(scope))
         except UpstreamError as exc:
             logger.error("Upstream failed for %s %s: %s", scope["method"], scope["path"], exc)
-            await send_error(send, 502, "The upstream API is unreachable")
+            await send_error(send, 502, "The upstream API is unreachable", _closing_headers(scope))
 
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
@@ -201,9 +208,10 @@ class GatewayApp:
 
     async def reject_websocket(self, scope: Scope, send: Send) -> None:
         # WebSocket upgrades are not proxied: answer 501 where the server lets
-        # an application send an HTTP response (the ASGI extension), else close.
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send_error(send, 501, "WebSocket upgrades are not supported by the gateway")
+        # an application send an HTTP response (the ASGI extension), else
+        # close the handshake, which servers answer with 403.
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send_websocket_error(send, 501, "WebSocket upgrades are not supported by the gateway")
             return
         await send({"type": "websocket.close", "code": 1003})
 
@@ -249,6 +257,14 @@ def _legacy_key_store(config: Config, store: TokenStore) -> LegacyKeyStore | Non
     if not config.auth.legacy_fallback or store.users is None:
         return None
     return LegacyKeyStore(store.users, config.auth.legacy_field)
+
+
+def _closing_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    # A client that sent `Expect: 100-continue` and gets a final status
+    # instead of `100 Continue` may send its body or skip it (RFC 9110
+    # section 10.1.1), so the server could not tell where the next request
+    # starts. The gateway closes the connection after its own answer.
+    return [(b"connection", b"close")] if expects_continue(scope["headers"]) else []
 
 
 def _decode_key(raw_key: bytes) -> str:

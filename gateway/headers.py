@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from gateway.http_date import current_http_date
+
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 section 7.6.1 and RFC 9112: connection-specific headers that a proxy
@@ -81,11 +83,20 @@ def connection_named_headers(headers: Sequence[tuple[bytes, bytes]]) -> frozense
 def response_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """Return the upstream's response headers minus hop-by-hop ones, names lowercased.
 
-    Repeated headers such as `Set-Cookie` stay separate entries.
+    Repeated headers such as `Set-Cookie` stay separate entries. A `Date`
+    header is added when the upstream sent none.
     """
     headers = [(name.lower(), value) for name, value in raw_headers]
     dropped = HOP_BY_HOP_HEADERS | connection_named_headers(headers)
-    return [(name, value) for name, value in headers if name not in dropped]
+    forwarded = [(name, value) for name, value in headers if name not in dropped]
+    if not any(name == b"date" for name, _ in forwarded):
+        forwarded.append((b"date", current_http_date()))
+    return forwarded
+
+
+def expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Return True when the request carries `Expect: 100-continue`."""
+    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in headers)
 
 
 class RequestHeaderPolicy:

@@ -8,6 +8,7 @@ Bodies stream in both directions in chunks; neither is held whole in memory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 
-# Methods whose responses never carry a body, whatever the headers say.
+# Statuses whose responses never carry a body, whatever the headers say.
 _BODYLESS_STATUSES = frozenset({204, 304})
 
 
@@ -38,12 +39,15 @@ class UpstreamProxy:
         parts = urllib.parse.urlsplit(config.url)
         self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.base_path = parts.path.rstrip("/")
+        # aiohttp has no separate pool timeout: its `connect` timeout covers
+        # the wait for a free connection plus the TCP connect itself.
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=config.pool_timeout_seconds + config.connect_timeout_seconds,
             sock_connect=config.connect_timeout_seconds,
             sock_read=config.read_timeout_seconds,
         )
+        self.stream_read_timeout = config.stream_read_timeout_seconds
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -55,6 +59,7 @@ class UpstreamProxy:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            request_class=ForwardedRequest,
             timeout=self.timeout,
         )
 
@@ -75,14 +80,25 @@ class UpstreamProxy:
         """Send the request upstream and stream the response to `send`.
 
         Raises `UpstreamUnreachable` or `UpstreamTimeout` when no response
-        has started; once it has, a failure is re-raised so that the server
-        cuts the client connection instead of ending the body as if complete.
+        has started. Once it has, a failure is logged and the response is
+        left incomplete, so that the server closes the client connection
+        instead of ending the body as if it were complete.
         """
+        body = RequestBody(receive) if _has_body(scope["headers"]) else None
+        response = await self._send_request(scope, headers, body)
+        async with response:
+            await self._send_response_head(scope, response, send)
+            if scope["method"] == "HEAD" or response.status in _BODYLESS_STATUSES:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            self._extend_read_timeout(response)
+            await self._stream_response_body(scope, response, receive, send, body)
+
+    async def _send_request(self, scope: Scope, headers: Headers, body: RequestBody | None) -> aiohttp.ClientResponse:
         if self.session is None:
             raise RuntimeError("UpstreamProxy.start() must be awaited before forwarding.")
-        body = _request_body(receive) if _has_body(scope["headers"]) else None
         try:
-            response = await self.session.request(
+            return await self.session.request(
                 scope["method"],
                 self.target(scope),
                 headers=_text_headers(headers),
@@ -95,24 +111,116 @@ class UpstreamProxy:
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}.") from exc
 
-        async with response:
-            await self._stream_response(scope, response, send)
+    async def _send_response_head(self, scope: Scope, response: aiohttp.ClientResponse, send: Send) -> None:
+        headers = response_headers(response.raw_headers)
+        if response.status == 304:
+            # RFC 9110 section 8.6 lets a 304 carry the Content-Length of the
+            # full representation, but uvicorn 0.55 then waits for that many
+            # body bytes and fails the response. The header says nothing
+            # about the empty 304 body, so it is dropped.
+            headers = [(name, value) for name, value in headers if name != b"content-length"]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
-    async def _stream_response(self, scope: Scope, response: aiohttp.ClientResponse, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": response_headers(response.raw_headers),
-            }
-        )
-        if scope["method"] == "HEAD" or response.status in _BODYLESS_STATUSES:
-            await send({"type": "http.response.body", "body": b""})
+    def _extend_read_timeout(self, response: aiohttp.ClientResponse) -> None:
+        # A response without Content-Length is a stream (chunked, server-sent
+        # events, or ended by closing the connection), where long pauses
+        # between chunks are normal, so it gets the longer read timeout.
+        if "Content-Length" in response.headers or response.content.is_eof() or response.connection is None:
             return
+        protocol = response.connection.protocol
+        if protocol is not None:
+            protocol.read_timeout = self.stream_read_timeout
+            # Restart the timer that the last read armed with the shorter timeout.
+            protocol.start_timeout()
 
-        async for chunk in response.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    async def _stream_response_body(
+        self, scope: Scope, response: aiohttp.ClientResponse, receive: Receive, send: Send, body: RequestBody | None
+    ) -> None:
+        watcher = None
+        if body is None or body.is_complete:
+            watcher = DisconnectWatcher(receive, response)
+        try:
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if watcher is not None and watcher.is_client_gone:
+                logger.info(
+                    "The client of %s %s disconnected; the upstream response was closed.", *_request_line(scope)
+                )
+            else:
+                logger.error(
+                    "The upstream response to %s %s was cut; closing the client connection: %r.",
+                    *_request_line(scope),
+                    exc,
+                )
+            return
+        finally:
+            if watcher is not None:
+                watcher.stop()
         await send({"type": "http.response.body", "body": b""})
+
+
+class RequestBody:
+    """The client's request body as an async iterator of chunks, for aiohttp to send upstream."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.is_complete = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise UpstreamUnreachable("The client disconnected before sending the whole body.")
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.is_complete = True
+                return
+
+
+class DisconnectWatcher:
+    """Close the upstream response as soon as the client disconnects.
+
+    uvicorn's `send` does nothing once the client has gone, so a proxy that
+    only sends would read an endless stream forever. The ASGI `receive` call
+    returns `http.disconnect` when the client goes, and also once the
+    response is complete; `stop` must be called before the latter.
+    Start a watcher only after the request body has been read, because it
+    consumes `receive` messages.
+    """
+
+    def __init__(self, receive: Receive, response: aiohttp.ClientResponse) -> None:
+        self.is_client_gone = False
+        self.task = asyncio.get_running_loop().create_task(self._watch(receive, response))
+
+    async def _watch(self, receive: Receive, response: aiohttp.ClientResponse) -> None:
+        # Body-less requests still yield one empty `http.request` message first.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not response.content.is_eof():
+            self.is_client_gone = True
+            response.close()
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+class _EveryMethod(set[str]):
+    def __contains__(self, method: object) -> bool:
+        return True
+
+
+class ForwardedRequest(aiohttp.ClientRequest):
+    """aiohttp's request, minus the `Content-Length: 0` it adds to body-less requests.
+
+    aiohttp adds that header when there is no body and the method is not in
+    `GET_METHODS`. A proxy forwards a body-less request as it came, so every
+    method counts as one of those here; requests with a body are unaffected.
+    """
+
+    GET_METHODS = _EveryMethod()
 
 
 def _text_headers(headers: Headers) -> list[tuple[str, str]]:
@@ -133,16 +241,8 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name in (b"content-length", b"transfer-encoding") for name, _ in headers)
 
 
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise UpstreamUnreachable("The client disconnected before sending the whole body.")
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+def _request_line(scope: Scope) -> tuple[str, str]:
+    return scope["method"], scope["path"]
 
 
 def _ascii(raw: bytes) -> str:

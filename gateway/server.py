@@ -61,6 +61,9 @@ def run_server(
         # The gateway decides itself which peers may set forwarding headers.
         proxy_headers=False,
         server_header=False,
+        # Forwarded responses carry the upstream's Date; the gateway adds one
+        # to the others itself (gateway/http_date.py).
+        date_header=False,
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=int(config.server.shutdown_timeout_seconds),

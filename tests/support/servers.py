@@ -23,6 +23,9 @@ class ThreadedServer:
         options.setdefault("log_level", "warning")
         # As in production: the gateway alone decides which peers may set X-Forwarded-*.
         options.setdefault("proxy_headers", False)
+        # As in production: the gateway writes its own Date header and no Server header.
+        options.setdefault("date_header", False)
+        options.setdefault("server_header", False)
         config = uvicorn.Config(app, host=host, port=self.port, access_log=False, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
