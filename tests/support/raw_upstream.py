@@ -69,6 +69,11 @@ class RawUpstream:
 
     def stop(self) -> None:
         self._is_stopping = True
+        # Closing alone does not wake a thread blocked in accept() on Linux; shutting down does.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(5)
 
