@@ -7,6 +7,7 @@ of each, and lets a test write any response bytes it wants.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -70,10 +71,8 @@ class RawUpstream:
     def stop(self) -> None:
         self._is_stopping = True
         # Closing alone does not wake a thread blocked in accept() on Linux; shutting down does.
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.listener.close()
         self.thread.join(5)
 
