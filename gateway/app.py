@@ -207,9 +207,9 @@ class GatewayApp:
         await send_json(send, 200, {"status": "ok"})
 
     async def reject_websocket(self, scope: Scope, send: Send) -> None:
-        # WebSocket upgrades are not proxied: answer 501 where the server lets
-        # an application send an HTTP response (the ASGI extension), else
-        # close the handshake, which servers answer with 403.
+        # WebSocket upgrades are not proxied. The gateway sends 501 where the
+        # server lets an application send an HTTP response (the ASGI
+        # extension), else it closes the handshake, which servers turn into 403.
         if "websocket.http.response" in (scope.get("extensions") or {}):
             await send_websocket_error(send, 501, "WebSocket upgrades are not supported by the gateway")
             return
@@ -263,7 +263,7 @@ def _closing_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     # A client that sent `Expect: 100-continue` and gets a final status
     # instead of `100 Continue` may send its body or skip it (RFC 9110
     # section 10.1.1), so the server could not tell where the next request
-    # starts. The gateway closes the connection after its own answer.
+    # starts. The gateway closes the connection after its own response.
     return [(b"connection", b"close")] if expects_continue(scope["headers"]) else []
 
 

@@ -4,7 +4,7 @@ The gateway runs its server with the server's own `Date` header turned off,
 because a forwarded response already carries the upstream's: keeping both
 would send two `Date` lines. The gateway adds this value to the responses it
 writes itself and to forwarded responses that have none (RFC 9110 section
-6.6.1 asks a proxy to add one).
+6.6.1 requires a proxy to add one).
 """
 
 from __future__ import annotations

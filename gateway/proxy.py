@@ -136,8 +136,13 @@ class UpstreamProxy:
     async def _stream_response_body(
         self, scope: Scope, response: aiohttp.ClientResponse, receive: Receive, send: Send, body: RequestBody | None
     ) -> None:
+        # A body that arrived with the headers is sent at once, so only a
+        # body still on its way needs a watcher (one task per such request).
+        # Measured on loopback with a two-write upstream response, 10
+        # interleaved rounds of 1,500 requests: 1,322 requests/s with the
+        # watcher against 1,360 without, within the rounds' noise (586-1,777).
         watcher = None
-        if body is None or body.is_complete:
+        if not response.content.is_eof() and (body is None or body.is_complete):
             watcher = DisconnectWatcher(receive, response)
         try:
             async for chunk in response.content.iter_any():
@@ -149,7 +154,7 @@ class UpstreamProxy:
                 )
             else:
                 logger.error(
-                    "The upstream response to %s %s was cut; closing the client connection: %r.",
+                    "The upstream response to %s %s was cut, so the client connection is closed: %r.",
                     *_request_line(scope),
                     exc,
                 )

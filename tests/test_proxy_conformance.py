@@ -1,7 +1,7 @@
 """Proxy conformance over real sockets: what the upstream and the client see on the wire.
 
 The upstream is `RawUpstream`, which records the exact bytes the gateway
-sends and writes whatever response bytes a test gives it; most clients are
+sends and writes whatever response bytes a test gives it. Most clients are
 raw sockets, so no client library normalises framing on the way.
 """
 
@@ -129,9 +129,8 @@ def test_request_method_forwarded(start_upstream: Any, gateway_before: Any, meth
 
 
 def test_request_unknown_method_forwarded_under_h11(start_upstream: Any, make_config: Any, start_gateway: Any) -> None:
-    # httptools (uvicorn's production parser) rejects methods outside llhttp's
-    # list with 400 before the gateway sees them; h11 accepts any token, which
-    # shows that the gateway itself has no method list.
+    # h11 accepts any token as a method, which shows that the gateway itself
+    # has no method list.
     upstream = start_upstream()
     gateway = start_gateway(make_config(upstream.url), http="h11")
 
@@ -140,6 +139,20 @@ def test_request_unknown_method_forwarded_under_h11(start_upstream: Any, make_co
     assert status == b"HTTP/1.1 200 OK"
     assert upstream.requests[-1].method == b"BREW"
     assert upstream.requests[-1].body == b"tea"
+
+
+def test_request_unknown_method_rejected_by_httptools(start_upstream: Any, gateway_before: Any) -> None:
+    # httptools, uvicorn's production parser, rejects methods outside
+    # llhttp's list before the gateway receives the request.
+    upstream = start_upstream()
+    gateway = gateway_before(upstream.url)
+
+    with connect(gateway.port) as connection:
+        connection.sendall(b"BREW /pot HTTP/1.1\r\nHost: g\r\n\r\n")
+        answer = read_until_closed(connection)
+
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert upstream.requests == []
 
 
 def test_request_content_length_kept(start_upstream: Any, gateway_before: Any) -> None:
@@ -292,7 +305,7 @@ def test_response_head_keeps_headers_without_body(start_upstream: Any, gateway_b
     assert status == b"HTTP/1.1 200 OK"
     assert values(headers, b"content-length") == [b"10"]
     assert values(headers, b"etag") == [b'"v1"']
-    # Had the HEAD answer carried a body, the next response would start with it.
+    # Had the HEAD response carried a body, the next response would start with it.
     assert next_status == b"HTTP/1.1 200 OK"
     assert next_body == b"0123456789"
 
@@ -394,7 +407,7 @@ def test_response_server_sent_events_not_buffered(start_upstream: Any, gateway_b
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"e\r\ndata: first\n\n\r\n"
         )
-        # The second event is written only once the client holds the first.
+        # The second event is written only after the client has received the first.
         first_delivered.wait(10)
         connection.sendall(b"f\r\ndata: second\n\n\r\n0\r\n\r\n")
 

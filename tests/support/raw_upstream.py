@@ -178,7 +178,7 @@ def read_response(
 ) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
     """Read one response from a client socket: status line, headers, and the body decoded from its framing.
 
-    With `has_body` false (answers to HEAD, 204, 304) no body is read whatever
+    With `has_body` false (responses to HEAD, 204, 304) no body is read whatever
     the headers say, so the connection can carry the next request.
     """
     connection.settimeout(timeout)
