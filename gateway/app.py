@@ -14,7 +14,14 @@ from typing import Any
 from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
 from gateway.config import Config
-from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    AuthenticationFailed,
+    AuthFailureReason,
+    ClientDisconnected,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.forwarded import client_address, original_method, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, expects_continue, read_key_header
 from gateway.legacy_keys import LegacyKeyStore
@@ -187,6 +194,8 @@ class GatewayApp:
         )
         try:
             await self.upstream.forward(scope, receive, send, headers)
+        except ClientDisconnected:
+            logger.info("The client of %s %s disconnected while sending its body.", scope["method"], scope["path"])
         except UpstreamTimeout as exc:
             logger.error("Upstream timed out for %s %s: %s", scope["method"], scope["path"], exc)
             await send_error(send, 504, "The upstream API did not answer in time", _closing_headers(scope))

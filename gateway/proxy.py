@@ -18,7 +18,7 @@ import aiohttp
 import yarl
 
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import ClientDisconnected, UpstreamTimeout, UpstreamUnreachable
 from gateway.headers import Headers, response_headers
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class UpstreamProxy:
         """Send the request upstream and stream the response to `send`.
 
         Raises `UpstreamUnreachable` or `UpstreamTimeout` when no response
-        has started. Once it has, a failure is logged and the response is
+        has started, and `ClientDisconnected` when the client left while
+        sending its body. Once it has, a failure is logged and the response is
         left incomplete, so that the server closes the client connection
         instead of ending the body as if it were complete.
         """
@@ -109,6 +110,10 @@ class UpstreamProxy:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"The upstream did not answer in time: {type(exc).__name__}.") from exc
         except aiohttp.ClientError as exc:
+            # aiohttp wraps the error that the body iterator raised when the
+            # client left mid-upload, so the iterator's flag tells the cases apart.
+            if body is not None and body.is_client_gone:
+                raise ClientDisconnected("The client disconnected before sending the whole body.") from exc
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}.") from exc
 
     async def _send_response_head(self, scope: Scope, response: aiohttp.ClientResponse, send: Send) -> None:
@@ -171,12 +176,14 @@ class RequestBody:
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.is_complete = False
+        self.is_client_gone = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise UpstreamUnreachable("The client disconnected before sending the whole body.")
+                self.is_client_gone = True
+                raise ClientDisconnected("The client disconnected before sending the whole body.")
             chunk = message.get("body", b"")
             if chunk:
                 yield chunk

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import socket
 import threading
 import time
@@ -554,6 +555,32 @@ def test_client_disconnect_frees_upstream_connection(start_upstream: Any, gatewa
     assert body == b"ok"
     assert upstream.accepted_connections == 51
     assert upstream.open_connections <= 1
+
+
+def test_client_disconnect_mid_upload_cuts_upstream(
+    start_upstream: Any, gateway_before: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = start_upstream()
+    gateway = gateway_before(upstream.url)
+
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        with connect(gateway.port) as connection:
+            connection.sendall(b"POST /u HTTP/1.1\r\nHost: g\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+            deadline = time.monotonic() + 5
+            while upstream.accepted_connections == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        open_connections = upstream.wait_for_open_connections(0)
+        deadline = time.monotonic() + 5
+        while "disconnected while sending its body" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    assert open_connections == 0
+    # The upstream never receives the truncated body as a complete request.
+    assert upstream.requests == []
+    assert "disconnected while sending its body" in caplog.text
+    assert [record.message for record in caplog.records if record.levelno >= logging.ERROR] == []
+    status, _, _ = exchange(gateway.port, b"GET /ok HTTP/1.1\r\nHost: g\r\n\r\n")
+    assert status == b"HTTP/1.1 200 OK"
 
 
 # Timeouts and failures.

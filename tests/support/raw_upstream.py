@@ -104,7 +104,9 @@ class RawUpstream:
                 self.requests.append(request)
                 if self.handler(request, connection) is False:
                     return
-        except OSError:
+        except (OSError, EOFError):
+            # The peer reset or closed the connection, possibly mid-request;
+            # an incomplete request is never recorded.
             return
         finally:
             connection.close()
