@@ -81,7 +81,7 @@ class UpstreamProxy:
 
         Raises `UpstreamUnreachable` or `UpstreamTimeout` when no response
         has started, and `ClientDisconnected` when the client left while
-        sending its body. Once it has, a failure is logged and the response is
+        sending its body. Once the response has started, a failure is logged and the response is
         left incomplete, so that the server closes the client connection
         instead of ending the body as if it were complete.
         """
@@ -111,7 +111,7 @@ class UpstreamProxy:
             raise UpstreamTimeout(f"The upstream did not answer in time: {type(exc).__name__}.") from exc
         except aiohttp.ClientError as exc:
             # aiohttp wraps the error that the body iterator raised when the
-            # client left mid-upload, so the iterator's flag tells the cases apart.
+            # client left mid-upload, so the iterator's flag distinguishes the two cases.
             if body is not None and body.is_client_gone:
                 raise ClientDisconnected("The client disconnected before sending the whole body.") from exc
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}.") from exc
@@ -155,7 +155,7 @@ class UpstreamProxy:
         except (aiohttp.ClientError, TimeoutError) as exc:
             if watcher is not None and watcher.is_client_gone:
                 logger.info(
-                    "The client of %s %s disconnected; the upstream response was closed.", *_request_line(scope)
+                    "The client of %s %s disconnected, so the upstream response was closed.", *_request_line(scope)
                 )
             else:
                 logger.error(
