@@ -81,9 +81,9 @@ class UpstreamProxy:
 
         Raises `UpstreamUnreachable` or `UpstreamTimeout` when no response
         has started, and `ClientDisconnected` when the client left while
-        sending its body. Once the response has started, a failure is logged and the response is
-        left incomplete, so that the server closes the client connection
-        instead of ending the body as if it were complete.
+        sending its body. Once the response has started, a failure is
+        logged and the response is left incomplete, so that the server closes
+        the client connection instead of ending the body as if complete.
         """
         body = RequestBody(receive) if _has_body(scope["headers"]) else None
         response = await self._send_request(scope, headers, body)
