@@ -86,6 +86,8 @@ class UpstreamProxy:
         the client connection instead of ending the body as if complete.
         """
         body = RequestBody(receive) if _has_body(scope["headers"]) else None
+        # NOTE: a client that leaves before the upstream's response headers
+        # arrive is noticed only once they do, at most `read_timeout_seconds` later.
         response = await self._send_request(scope, headers, body)
         async with response:
             await self._send_response_head(scope, response, send)
