@@ -169,6 +169,12 @@ class GatewayApp:
         if self.upstream is None:
             await send_error(send, 404, "Not found: no upstream is configured")
             return
+        if not scope["path"].startswith("/"):
+            # uvicorn passes the asterisk form (`OPTIONS *`) through, and
+            # appended to the upstream's URL it would make an invalid URL.
+            logger.info("Rejected %s %r with 400: the request target is not a path.", scope["method"], scope["path"])
+            await send_error(send, 400, "Invalid request target: expected a path starting with '/'")
+            return
 
         client = scope.get("client")
         headers = self.header_policy.rewrite(
