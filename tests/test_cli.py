@@ -213,3 +213,19 @@ def test_tokens_create_checks_name_as_routes_do(mongodb_uri: str, database_name:
     assert "U+001B" in escape.stderr
     assert longest.returncode == 0, longest.stderr
     assert mongo.api_token.count_documents({}) == 1
+
+
+def test_unusable_embedded_path_reported_plainly(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    environ = {
+        "GATEWAY_TOKENS_SECRET": TEST_SECRET,
+        "GATEWAY_STORE_URI": "embedded",
+        "GATEWAY_STORE_EMBEDDED_PATH": str(blocker / "store"),
+    }
+
+    result = run_cli("tokens", "list", "--user", "robot", environ=environ)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: The embedded store folder {str(blocker / 'store')!r} cannot be used" in result.stderr
