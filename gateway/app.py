@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
-from gateway.config import Config
+from gateway.config import Config, mask_password
 from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
 from gateway.forwarded import client_address, original_method, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
@@ -225,7 +225,7 @@ class GatewayApp:
         if self.upstream is not None:
             await self.upstream.start()
         self.usage.start()
-        logger.info("The gateway is ready: upstream %s.", self.config.upstream.url or "(none)")
+        logger.info("The gateway is ready: upstream %s.", mask_password(self.config.upstream.url) or "(none)")
 
     async def shutdown(self) -> None:
         await self.usage.stop()

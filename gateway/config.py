@@ -204,7 +204,7 @@ class Config:
 
     def __repr__(self) -> str:
         # The token secrets must never reach a log line through a repr.
-        return f"Config(upstream={self.upstream.url!r}, store={_mask_uri(self.store.uri)!r})"
+        return f"Config(upstream={mask_password(self.upstream.url)!r}, store={mask_password(self.store.uri)!r})"
 
 
 _SECTION_TYPES = typing.get_type_hints(Config)
@@ -382,13 +382,13 @@ def _type_problem(value: Any, expected: Any) -> str | None:
 def _shown(section: str, key: str, value: Any) -> str:
     if section == "tokens" and key == "secret":
         return "[secret]" if value else "[]"
-    if section == "store" and key == "uri" and isinstance(value, str):
-        return repr(_mask_uri(value))
+    if (section, key) in (("store", "uri"), ("upstream", "url")) and isinstance(value, str):
+        return repr(mask_password(value))
     return repr(value)
 
 
-def _mask_uri(uri: str) -> str:
-    """Hide the password of a MongoDB URI such as mongodb://user:password@host/."""
+def mask_password(uri: str) -> str:
+    """Hide the password of a URI such as mongodb://user:password@host/ or http://user:password@host/."""
     scheme, separator, rest = uri.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not separator or not at or ":" not in credentials:

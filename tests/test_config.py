@@ -70,3 +70,21 @@ def test_config_rejects_root_management_prefix() -> None:
 
 def test_config_accepts_defaults() -> None:
     assert problems_for() == []
+
+
+def test_config_problem_masks_upstream_password() -> None:
+    problems = problems_for(GATEWAY_UPSTREAM_URL="http://svc:upstream-password@127.0.0.1:8000/?x")
+
+    assert problems == [
+        "upstream.url = 'http://svc:[secure]@127.0.0.1:8000/?x' is invalid: must not contain a query or a fragment"
+    ]
+
+
+def test_config_repr_masks_upstream_password() -> None:
+    config = load_config(
+        None,
+        {"GATEWAY_TOKENS_SECRET": TEST_SECRET, "GATEWAY_UPSTREAM_URL": "http://svc:upstream-password@127.0.0.1:8000"},
+    )
+
+    assert "upstream-password" not in repr(config)
+    assert "http://svc:[secure]@127.0.0.1:8000" in repr(config)
