@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
-from gateway.config import Config
+from gateway.config import Config, mask_password
 from gateway.errors import (
     AuthenticationFailed,
     AuthFailureReason,
@@ -183,6 +183,14 @@ class GatewayApp:
         if self.upstream is None:
             await send_error(send, 404, "Not found: no upstream is configured", _closing_headers(scope))
             return
+        if not scope["path"].startswith("/"):
+            # uvicorn passes the asterisk form (`OPTIONS *`) through, and
+            # appended to the upstream's URL it would make an invalid URL.
+            logger.info("Rejected %s %r with 400: the request target is not a path.", scope["method"], scope["path"])
+            await send_error(
+                send, 400, "Invalid request target: expected a path starting with '/'", _closing_headers(scope)
+            )
+            return
 
         client = scope.get("client")
         headers = self.header_policy.rewrite(
@@ -236,7 +244,7 @@ class GatewayApp:
         if self.upstream is not None:
             await self.upstream.start()
         self.usage.start()
-        logger.info("The gateway is ready: upstream %s.", self.config.upstream.url or "(none)")
+        logger.info("The gateway is ready: upstream %s.", mask_password(self.config.upstream.url) or "(none)")
 
     async def shutdown(self) -> None:
         await self.usage.stop()

@@ -24,7 +24,7 @@ from pymongo.errors import DuplicateKeyError
 from gateway.config import CacheConfig
 from gateway.errors import AuthenticationFailed, AuthFailureReason
 from gateway.legacy_keys import LegacyKeyStore, migrated_token
-from gateway.store import OWNER_FIELD, TokenStore
+from gateway.store import OWNER_FIELD, TokenStore, is_usable_user_id
 from gateway.tokens import hash_token, is_well_formed_key
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,9 @@ class Authenticator:
         expires_at = document.get("expires_at")
         if expires_at is not None and _timestamp(expires_at) <= self.clock():
             return AuthFailureReason.EXPIRED
+        if not is_usable_user_id(document.get("user")):
+            logger.error("Rejected token %s: its user id is missing or cannot be sent in a header.", document["_id"])
+            return AuthFailureReason.INVALID
         if self.check_users and not _is_active_owner(document.get(OWNER_FIELD) or []):
             return AuthFailureReason.INACTIVE_USER
         return None

@@ -24,8 +24,9 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.legacy_keys import LegacyKeyStore
 from gateway.logs import configure_logging
 from gateway.migration import DEFAULT_BATCH_SIZE, LegacyKeyMigration, MigrationReport
-from gateway.store import TokenStore, parse_user_id
+from gateway.store import TokenStore, is_usable_user_id, parse_user_id
 from gateway.token_manager import RevokeOutcome, TokenManager
+from gateway.token_request import parse_token_name
 from gateway.token_views import iso, listed_token
 
 EXIT_OK = 0
@@ -72,8 +73,12 @@ def _build_parser() -> argparse.ArgumentParser:
     tokens = commands.add_parser("tokens", help="administer API tokens").add_subparsers(title="token commands")
     create = tokens.add_parser("create", help="create a token and print its plaintext on standard output")
     _add_config_argument(create)
-    create.add_argument("--user", required=True, help="owner id; 24 hex digits are stored as an ObjectId")
-    create.add_argument("--name", help="label shown in token lists (at most 255 characters)")
+    create.add_argument(
+        "--user", required=True, type=_parse_user, help="owner id; 24 hex digits are stored as an ObjectId"
+    )
+    create.add_argument(
+        "--name", type=_parse_name, help="label shown in token lists (at most 255 characters, no control characters)"
+    )
     create.add_argument("--expires-at", type=_parse_expiry, help="ISO-8601 expiry; a time without offset is UTC")
     create.add_argument(
         "--scope", action="append", dest="scopes", help="scope to grant; repeat for several (default: admin)"
@@ -272,6 +277,24 @@ def _printable_text(text: str) -> str:
     # Names written by other tools may hold control characters, which a
     # terminal would interpret; they are shown escaped.
     return "".join(character if character.isprintable() else ascii(character)[1:-1] for character in text)
+
+
+def _parse_user(text: str) -> str:
+    # The id is sent to the upstream in a header, so the gateway rejects a
+    # token whose id is empty or contains whitespace or control characters.
+    if not is_usable_user_id(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a user id: expected visible characters without whitespace, such as 24 hexadecimal digits"
+        )
+    return text
+
+
+def _parse_name(text: str) -> str:
+    try:
+        parse_token_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"the name {exc}") from None
+    return text
 
 
 def _parse_token_id(text: str) -> ObjectId:

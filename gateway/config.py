@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 import types
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
+from gateway.headers import fold_header_name
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_PORT = 8080
@@ -38,10 +40,14 @@ def _setting(default: Any, *checks: Check) -> Any:
 
 
 def _positive(value: float) -> str | None:
+    if not math.isfinite(value):
+        return "must be a finite number"
     return None if value > 0 else "must be greater than 0"
 
 
 def _not_negative(value: float) -> str | None:
+    if not math.isfinite(value):
+        return "must be a finite number"
     return None if value >= 0 else "must be 0 or greater"
 
 
@@ -198,7 +204,7 @@ class Config:
 
     def __repr__(self) -> str:
         # The token secrets must never reach a log line through a repr.
-        return f"Config(upstream={self.upstream.url!r}, store={_mask_uri(self.store.uri)!r})"
+        return f"Config(upstream={mask_password(self.upstream.url)!r}, store={mask_password(self.store.uri)!r})"
 
 
 _SECTION_TYPES = typing.get_type_hints(Config)
@@ -231,10 +237,42 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 
 
 def _combination_problems(sections: dict[str, Any]) -> list[str]:
-    auth, store = sections["auth"], sections["store"]
+    """Return the problems of settings that are valid alone but not together."""
+    auth, store, management = sections["auth"], sections["store"], sections["management"]
+    logging_config = sections["logging"]
+    problems = []
     if auth.legacy_fallback and not store.users_collection:
-        return ["auth.legacy_fallback = true is invalid: it needs store.users_collection, which holds the legacy keys"]
-    return []
+        problems.append(
+            "auth.legacy_fallback = true is invalid: it needs store.users_collection, which holds the legacy keys"
+        )
+    if fold_header_name(auth.user_header.encode()) == fold_header_name(auth.header.encode()):
+        # WSGI, PHP and CGI servers fold both names into one variable, so the
+        # upstream could read a key where it expects a user id.
+        problems.append(
+            f"auth.user_header = {auth.user_header!r} is invalid: it names the same header as "
+            f"auth.header ({auth.header!r}) once case and every character other than letters and digits are ignored"
+        )
+
+    # The gateway answers each of these paths itself, so two settings on one
+    # path would silently hide one of the endpoints.
+    own_paths = {
+        "logging.health_path": logging_config.health_path,
+        "logging.ready_path": logging_config.ready_path,
+        "auth.auth_request_path": auth.auth_request_path,
+        "management.openapi_path": management.openapi_path,
+    }
+    seen: dict[str, str] = {}
+    for key, path in own_paths.items():
+        if path in seen:
+            problems.append(f"{key} = {path!r} is invalid: {seen[path]} uses the same path")
+        seen.setdefault(path, key)
+
+    if management.prefix == "/":
+        problems.append(
+            "management.prefix = '/' is invalid: every request would go to the token-management routes "
+            "and none to the upstream"
+        )
+    return problems
 
 
 def _read_file(path: str | Path | None, problems: list[str]) -> dict[str, Any]:
@@ -344,13 +382,13 @@ def _type_problem(value: Any, expected: Any) -> str | None:
 def _shown(section: str, key: str, value: Any) -> str:
     if section == "tokens" and key == "secret":
         return "[secret]" if value else "[]"
-    if section == "store" and key == "uri" and isinstance(value, str):
-        return repr(_mask_uri(value))
+    if (section, key) in (("store", "uri"), ("upstream", "url")) and isinstance(value, str):
+        return repr(mask_password(value))
     return repr(value)
 
 
-def _mask_uri(uri: str) -> str:
-    """Hide the password of a MongoDB URI such as mongodb://user:password@host/."""
+def mask_password(uri: str) -> str:
+    """Hide the password of a URI such as mongodb://user:password@host/ or http://user:password@host/."""
     scheme, separator, rest = uri.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not separator or not at or ":" not in credentials:

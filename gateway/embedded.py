@@ -67,8 +67,14 @@ class EmbeddedStore:
 
         Raises `StoreUnavailable` when the server cannot be started or reached.
         """
-        self.data_path.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.data_path / "server.lock", "a+")  # noqa: SIM115 - held open while the server runs
+        try:
+            self.data_path.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.data_path / "server.lock", "a+")  # noqa: SIM115 - held open while the server runs
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"The embedded store folder {str(self.data_path)!r} cannot be used: {exc.strerror}. "
+                "Set store.embedded_path to a folder this user can write."
+            ) from exc
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -41,6 +41,10 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> N
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
     # Server loggers carry their own handlers; route them through ours instead.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "granian"):
+    for name in ("uvicorn", "uvicorn.error", "granian"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # uvicorn's access log stays off because its lines contain the query
+    # string, in which clients sometimes send their key.
+    logging.getLogger("uvicorn.access").handlers[:] = []
+    logging.getLogger("uvicorn.access").propagate = False

@@ -24,7 +24,7 @@ from gateway.openapi import build_openapi_document
 from gateway.responses import JSON_CONTENT_TYPE, send_error, send_json
 from gateway.store import parse_user_id
 from gateway.token_manager import DEFAULT_SCOPES, RevokeOutcome, TokenManager
-from gateway.token_request import parse_create_request, read_body
+from gateway.token_request import CREATE_FIELDS, parse_create_request, read_body
 from gateway.token_views import listed_token, token_metadata
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class ManagementRoutes:
             body = await read_body(receive, _content_length(scope["headers"]))
             request = parse_create_request(body, self.allowed_scopes, datetime.datetime.now(datetime.UTC))
         except InvalidRequestBody as exc:
-            logger.info("Rejected token creation for user %s with %d: %r", identity.user_id, exc.status, str(exc))
+            logger.info("Rejected token creation for user %s with %d: %s", identity.user_id, exc.status, _problem(exc))
             await _send_invalid_body(send, exc)
             return
         except ClientDisconnected:
@@ -163,6 +163,16 @@ def _scopes_beyond(held: Sequence[str], requested: Sequence[str]) -> list[str]:
     if ADMIN_SCOPE in held:
         return []
     return [scope for scope in requested if scope not in held]
+
+
+def _problem(error: InvalidRequestBody) -> str:
+    # Error messages quote values and field names from the body, where a
+    # client may have pasted a key, so the log line names only known fields.
+    if not error.errors:
+        return "the body is too large, not JSON or not a JSON object"
+    invalid = [field for field in CREATE_FIELDS if field in error.errors]
+    unknown = len(error.errors) - len(invalid)
+    return f"invalid fields {', '.join(invalid) or 'none'}, {unknown} unknown field(s)"
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -8,7 +8,7 @@ import os
 import uvicorn
 
 from gateway.app import GatewayApp
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, mask_password
 from gateway.logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,11 @@ def run_server(
     port = config.server.port if port is None else port
     workers = workers or config.server.workers
     logger.info(
-        "Serving on http://%s:%d with %d worker(s), upstream %s.", host, port, workers, config.upstream.url or "(none)"
+        "Serving on http://%s:%d with %d worker(s), upstream %s.",
+        host,
+        port,
+        workers,
+        mask_password(config.upstream.url) or "(none)",
     )
 
     uvicorn.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,11 @@ logging.getLogger("pymongo.command").setLevel(logging.INFO)
 
 MAX_USER_AGENTS = 20
 OWNER_FIELD = "owner"
+
+# A user id reaches the upstream as a header value, so it must be one run of
+# visible characters. An empty id would read as an empty identity, and a
+# header value cannot contain whitespace or control characters.
+_USABLE_USER_ID = re.compile(r"[^\x00-\x20\x7f-\x9f\s]+")
 
 
 class TokenStore:
@@ -189,3 +195,8 @@ def parse_user_id(text: str) -> ObjectId | str:
     if len(text) == 24 and ObjectId.is_valid(text):
         return ObjectId(text)
     return text
+
+
+def is_usable_user_id(value: Any) -> bool:
+    """Check whether `value` can name a user in a header: not None, and only visible characters as a string."""
+    return value is not None and _USABLE_USER_ID.fullmatch(str(value)) is not None

@@ -70,7 +70,7 @@ def parse_create_request(body: bytes, allowed_scopes: Collection[str], now: date
 
     # Unknown names are cut, so a client cannot make the error list as large as its body.
     errors = {name[:64]: "is not a known field" for name in fields if name not in CREATE_FIELDS}
-    name = _checked(errors, "name", _parse_name, fields.get("name"))
+    name = _checked(errors, "name", parse_token_name, fields.get("name"))
     expires_at = _checked(errors, "expires_at", _parse_expiry, fields.get("expires_at"), now)
     scopes = _checked(errors, "scopes", _parse_scopes, fields.get("scopes"), allowed_scopes)
 
@@ -117,7 +117,8 @@ def _checked(errors: dict[str, str], field: str, parse: Any, *arguments: Any) ->
         return None
 
 
-def _parse_name(value: Any) -> str | None:
+def parse_token_name(value: Any) -> str | None:
+    """Return a valid token name or None; raise `ValueError` naming the rule it breaks."""
     if value is None:
         return None
     if not isinstance(value, str):

@@ -229,6 +229,17 @@ def test_request_target_forwarded_byte_for_byte(proxy: Any) -> None:
     assert seen["raw_path"] + "?" + seen["query_string"] == target.decode()
 
 
+@pytest.mark.parametrize("method", [b"OPTIONS", b"GET"])
+def test_asterisk_target_rejected_not_forwarded(proxy: Any, method: bytes) -> None:
+    gateway, upstream = proxy
+
+    answer = raw_request(gateway.port, method + b" * HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"request target" in answer
+    assert upstream.requests == []
+
+
 def test_response_headers_and_body_unchanged(proxy: Any) -> None:
     gateway, _ = proxy
 

@@ -187,3 +187,45 @@ def test_tokens_create_scope_checked(mongodb_uri: str, database_name: str, mongo
     assert rejected.returncode == 2
     assert "superuser is not allowed" in rejected.stderr
     assert mongo.api_token.count_documents({}) == 1
+
+
+def test_tokens_create_rejects_unusable_user(mongodb_uri: str, database_name: str, mongo: Any) -> None:
+    environ = store_environment(mongodb_uri, database_name)
+
+    for user in ["", "   ", "robot\r\nX-Admin: 1", "robot 7"]:
+        result = run_cli("tokens", "create", "--user", user, environ=environ)
+
+        assert result.returncode == 2, user
+        assert "is not a user id" in result.stderr
+    assert mongo.api_token.count_documents({}) == 0
+
+
+def test_tokens_create_checks_name_as_routes_do(mongodb_uri: str, database_name: str, mongo: Any) -> None:
+    environ = store_environment(mongodb_uri, database_name)
+
+    too_long = run_cli("tokens", "create", "--user", "robot", "--name", "n" * 256, environ=environ)
+    escape = run_cli("tokens", "create", "--user", "robot", "--name", "\x1b[31mred", environ=environ)
+    longest = run_cli("tokens", "create", "--user", "robot", "--name", "n" * 255, environ=environ)
+
+    assert too_long.returncode == 2
+    assert "at most 255 characters" in too_long.stderr
+    assert escape.returncode == 2
+    assert "U+001B" in escape.stderr
+    assert longest.returncode == 0, longest.stderr
+    assert mongo.api_token.count_documents({}) == 1
+
+
+def test_unusable_embedded_path_reported_plainly(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    environ = {
+        "GATEWAY_TOKENS_SECRET": TEST_SECRET,
+        "GATEWAY_STORE_URI": "embedded",
+        "GATEWAY_STORE_EMBEDDED_PATH": str(blocker / "store"),
+    }
+
+    result = run_cli("tokens", "list", "--user", "robot", environ=environ)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: The embedded store folder {str(blocker / 'store')!r} cannot be used" in result.stderr

@@ -8,6 +8,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import time
 import uuid
@@ -342,6 +343,31 @@ def test_create_reports_every_invalid_field(gateway: Any, owner: Any) -> None:
 
     assert response.status_code == 400
     assert set(response.json()["errors"]) == {"name", "expires_at", "scopes", "extra"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"scopes": ["<key>"]},
+        {"expires_at": "<key>"},
+        {"<key>": 1},
+        '{"name": "a", "<key>": 1, "<key>": 2}',
+    ],
+)
+def test_create_rejection_never_logs_sent_values(
+    gateway: Any, owner: Any, caplog: pytest.LogCaptureFixture, body: Any
+) -> None:
+    # A client may paste a key into any field by mistake, and the rejection
+    # log line must not copy it.
+    _, key = owner
+    content = body if isinstance(body, str) else json.dumps(body)
+    caplog.set_level(logging.DEBUG)
+
+    response = call(gateway, "POST", key, content=content.replace("<key>", key))
+
+    assert response.status_code == 400
+    assert "Rejected token creation" in caplog.text
+    assert key[:20] not in caplog.text
 
 
 @pytest.mark.parametrize(
