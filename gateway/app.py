@@ -98,6 +98,9 @@ class GatewayApp:
         if self.management.owns(scope["path"]):
             await self.manage(scope, receive, send)
             return
+        if self.management.owns_disguised(scope["path"]):
+            await send_error(send, 400, "Invalid path: management routes take their canonical path")
+            return
 
         try:
             identity = await self.identify(scope)

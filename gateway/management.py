@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,27 @@ COLLECTION_METHODS = b"GET, POST"
 TOKEN_METHODS = b"DELETE"
 
 
+# Empty segments, dot segments and path parameters: spellings some servers rewrite.
+_NON_CANONICAL = re.compile(r"//|/\.\.?(?:/|$)|;")
+
+
+def canonical_path(path: str) -> str:
+    """Return `path` with parameters dropped, empty and dot segments resolved (RFC 3986 section 5.2.4)."""
+    segments: list[str] = []
+    parts = path.split("/")
+    for part in parts[1:]:
+        part = part.split(";", 1)[0]
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(part)
+    trailing = "/" if parts[-1].split(";", 1)[0] in ("", ".", "..") and segments else ""
+    return "/" + "/".join(segments) + trailing
+
+
 class ManagementRoutes:
     """Serve the management routes for an authenticated caller.
 
@@ -62,6 +84,17 @@ class ManagementRoutes:
     def owns(self, path: str) -> bool:
         """Tell whether `path` belongs to the management routes (and must never go upstream)."""
         return path in self._bare_prefixes or path.startswith(self.prefixes)
+
+    def owns_disguised(self, path: str) -> bool:
+        """Tell whether a non-canonical spelling of `path` reaches the management routes.
+
+        Upstream servers may merge slashes, resolve dot segments or drop
+        `;parameters`, so `/api/1/me/./tokens/` can mean the same route there.
+        Such paths are rejected instead of forwarded.
+        """
+        if not _NON_CANONICAL.search(path):
+            return False
+        return self.owns(canonical_path(path))
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, identity: Identity) -> None:
         path = scope["path"]

@@ -30,7 +30,7 @@ from gateway.store import TokenStore
 from gateway.token_manager import RevokeOutcome, TokenManager
 from gateway.tokens import generate_token
 from tests.conftest import TEST_SECRET
-from tests.support.servers import ThreadedServer
+from tests.support.servers import ThreadedServer, raw_request
 from tests.support.upstream import header_values
 
 PREFIX = "/api/1/me/tokens/"
@@ -735,3 +735,34 @@ def test_required_scopes_apply_to_management(
     assert forbidden.status_code == 403
     assert forbidden.json() == {"message": "API token lacks a required scope"}
     assert allowed.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/api/1/me/./tokens/",  # a dot segment
+        b"//api/1/me/tokens/",  # an empty segment
+        b"/api/1/me/tokens;x=1/",  # a path parameter
+        b"/api/1/me/other/../tokens/",  # a dot-dot segment
+        b"/api/1/me//api_tokens/",  # the alias with an empty segment
+    ],
+)
+def test_disguised_management_path_never_forwarded(gateway: Any, owner: Any, target: bytes) -> None:
+    _, key = owner
+    headers = b"Host: g\r\nX-API-KEY: " + key.encode() + b"\r\nConnection: close\r\n\r\n"
+    request = b"GET " + target + b" HTTP/1.1\r\n" + headers
+
+    answer = raw_request(gateway.port, request)
+
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert gateway.upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/api/1/me/tokensfoo/", "/data/./x", "/a//b", "/a;b"])
+def test_other_non_canonical_paths_forwarded(gateway: Any, path: str) -> None:
+    request = f"GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n".encode()
+
+    answer = raw_request(gateway.port, request)
+
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert gateway.upstream.requests[-1]["raw_path"] == path
