@@ -128,7 +128,8 @@ class GatewayApp:
             return
         if has_invalid_header(scope["headers"]):
             logger.warning("Rejected %s %s with 400: a header is malformed.", scope["method"], _record(scope).path)
-            await send_error(send, 400, "Malformed request header")
+            # The connection closes: what follows on it cannot be trusted to be framed right.
+            await send_error(send, 400, "Malformed request header", [(b"connection", b"close")])
             return
         if self.management.owns(scope["path"]):
             await self.manage(scope, receive, send)
