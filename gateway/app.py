@@ -126,7 +126,7 @@ class GatewayApp:
         if route is not None:
             await route(scope, receive, send)
             return
-        if has_invalid_header(scope["headers"]):
+        if has_invalid_header(scope["headers"], key_header=self.key_header):
             logger.warning("Rejected %s %s with 400: a header is malformed.", scope["method"], _record(scope).path)
             # The connection closes: what follows on it cannot be trusted to be framed right.
             await send_error(send, 400, "Malformed request header", [(b"connection", b"close")])

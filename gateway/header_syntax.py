@@ -24,7 +24,7 @@ _INVALID_VALUE_CHARACTER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,19}")
 
 
-def has_invalid_header(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+def has_invalid_header(headers: Sequence[tuple[bytes, bytes]], key_header: bytes = b"") -> bool:
     """Tell whether the headers break HTTP's syntax or framing rules.
 
     True for a name that is not a token, a value with a control character
@@ -32,11 +32,17 @@ def has_invalid_header(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     than one `Content-Length`, or `Content-Length` with `Transfer-Encoding`
     (RFC 9112 section 6.1 lets a server reject that, and a proxy that
     forwarded both would desynchronise with the upstream).
+
+    The value of the header named `key_header` (lowercase) is not checked:
+    the gateway passes the key header to authentication, which rejects a
+    malformed key with 401, and never forwards a malformed one.
     """
     content_lengths = 0
     has_transfer_encoding = False
     for name, value in headers:
-        if _FIELD_NAME.fullmatch(name) is None or _INVALID_VALUE_CHARACTER.search(value) is not None:
+        if _FIELD_NAME.fullmatch(name) is None:
+            return True
+        if name != key_header and _INVALID_VALUE_CHARACTER.search(value) is not None:
             return True
         lowered = name.lower()
         if lowered == b"content-length":

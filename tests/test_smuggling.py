@@ -9,20 +9,14 @@ hidden request never reaches it at all.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import pymongo
 import pytest
-from bson import ObjectId
 
-from gateway.app import GatewayApp
-from gateway.config import load_config
-from gateway.tokens import generate_token, hash_token
-from tests.conftest import TEST_SECRET
-from tests.support.servers import ThreadedServer, raw_request
-from tests.support.upstream import EchoUpstream, header_values
+from tests.support.gateways import shared_gateway
+from tests.support.servers import raw_request
+from tests.support.upstream import header_values
 
 KEY = b"<key>"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
@@ -90,29 +84,8 @@ ACCEPTED_SHAPES = {
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def guarded(request: Any, mongodb_uri: str) -> Iterator[Any]:
     """One gateway per server implementation, shared by every shape; requires a key."""
-    database_name = f"gateway_test_{uuid.uuid4().hex[:12]}"
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongodb_uri, tz_aware=True)
-    user = ObjectId()
-    plaintext = generate_token("udata_")
-    client[database_name].user.insert_one({"_id": user, "active": True, "deleted": None})
-    client[database_name].api_token.insert_one({"token_hash": hash_token(TEST_SECRET, plaintext), "user": user})
-    upstream = EchoUpstream()
-    upstream_server = ThreadedServer(upstream).start()
-    environ = {
-        "GATEWAY_TOKENS_SECRET": TEST_SECRET,
-        "GATEWAY_STORE_URI": mongodb_uri,
-        "GATEWAY_STORE_DATABASE": database_name,
-        "GATEWAY_UPSTREAM_URL": upstream_server.url,
-        "GATEWAY_AUTH_REQUIRE_KEY": "true",
-    }
-    gateway = ThreadedServer(GatewayApp(load_config(None, environ)), http=request.param).start()
-
-    yield gateway, upstream, plaintext, request.param
-
-    gateway.stop()
-    upstream_server.stop()
-    client.drop_database(database_name)
-    client.close()
+    with shared_gateway(mongodb_uri, http=request.param, auth_require_key="true") as gateway:
+        yield gateway.server, gateway.upstream, gateway.plaintext, request.param
 
 
 @pytest.fixture
