@@ -173,7 +173,7 @@ def test_audit_outcomes_cover_every_failure_reason() -> None:
     outcomes = {outcome.value for outcome in AuditOutcome}
 
     assert {reason.value for reason in AuthFailureReason} <= outcomes
-    assert outcomes - {reason.value for reason in AuthFailureReason} == {"success", "store_unavailable"}
+    assert outcomes - {reason.value for reason in AuthFailureReason} == {"success", "forbidden", "store_unavailable"}
 
 
 def test_audit_line_per_decision(
