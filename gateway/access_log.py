@@ -32,7 +32,7 @@ REQUEST_ID_BYTES = 16
 
 
 class RequestRecord:
-    """What the access and audit logs say about one request."""
+    """The state of one request that the access and audit logs report."""
 
     __slots__ = (
         "client",

@@ -2,9 +2,9 @@
 
 Lines go to the `gateway.audit` logger, apart from the access log, so that
 operators can keep, ship or alert on them separately. A line names the
-outcome, the request id, the client, method and path (as trusted proxies
-report them), and the user, token id and display prefix when a key
-authenticated; never the key or its hash.
+outcome, the request id, and the client, method and path as trusted proxies
+report them. When a key authenticated, it also names the user, the token id
+and the display prefix. It never contains the key or its hash.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reject request headers that HTTP forbids before they reach the upstream.
 
-uvicorn's httptools parser (llhttp) already answers 400 to control
+uvicorn's httptools parser (llhttp) already rejects with 400 control
 characters, bare CR or LF, obsolete line folding and conflicting framing
 headers. uvicorn's h11 parser and other servers let some through, measured
 with uvicorn 0.55 and h11 0.16: h11 accepts a value with `\\x01` or DEL, which
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 # RFC 9110 section 5.1: a field name is a token.
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# RFC 9110 section 5.5: a field value holds visible characters, spaces, tabs
-# and obs-text (0x80-0xFF); any other control character is invalid.
+# RFC 9110 section 5.5: a field value contains visible characters, spaces,
+# tabs and obs-text (0x80-0xFF). Any other control character is invalid.
 _INVALID_VALUE_CHARACTER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,19}")
 
@@ -29,9 +29,9 @@ def has_invalid_header(headers: Sequence[tuple[bytes, bytes]], key_header: bytes
 
     True for a name that is not a token, a value with a control character
     other than tab, a `Content-Length` that is not one decimal number, more
-    than one `Content-Length`, or `Content-Length` with `Transfer-Encoding`
-    (RFC 9112 section 6.1 lets a server reject that, and a proxy that
-    forwarded both would desynchronise with the upstream).
+    than one `Content-Length`, or `Content-Length` with `Transfer-Encoding`.
+    RFC 9112 section 6.1 lets a server reject the last, and a proxy that
+    forwarded both headers would desynchronise with the upstream.
 
     The value of the header named `key_header` (lowercase) is not checked:
     the gateway passes the key header to authentication, which rejects a

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 # pymongo logs every command and reply at DEBUG, token hashes included. A
 # hash is as good as a key for an offline guess, so that logger never goes
 # below INFO, whatever level the application sets on the root logger. The
-# filter holds even when something later sets the logger itself to DEBUG.
+# filter drops those records even when something later sets the logger itself to DEBUG.
 _COMMAND_LOGGER = logging.getLogger("pymongo.command")
 _COMMAND_LOGGER.setLevel(logging.INFO)
 _COMMAND_LOGGER.addFilter(lambda record: record.levelno >= logging.INFO)

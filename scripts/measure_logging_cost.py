@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.access_log import AccessLog
 from gateway.app import GatewayApp
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditOutcome
 from gateway.authenticator import Identity
 from gateway.config import load_config
 from gateway.embedded import EmbeddedStore
@@ -106,7 +106,7 @@ def time_request_work() -> None:
         record = access_log.begin(scope, "127.0.0.1")
         record.status = 200
         record.identity = identity
-        audit.success(record, identity)
+        audit.write(AuditOutcome.SUCCESS, record.request_id, ("127.0.0.1", "GET", record.path), identity)
         access_log.finish(record)
 
     for name, work in (

@@ -1,6 +1,6 @@
 """Fuzzing of key parsing and header handling: pure units, then a running gateway.
 
-Through the gateway every answer must be a 2xx from the upstream, a 400
+Through the gateway every response must be a 2xx from the upstream, a 400
 from the parser or the gateway, or a 401; never a 5xx, a dropped
 connection or a hang. Keys that cannot be keys cost no store query.
 """
@@ -92,7 +92,7 @@ def gateway(mongodb_uri: str) -> Iterator[SharedGateway]:
 
 
 def exchange(port: int, request: bytes, timeout: float = 5) -> bytes:
-    """Send one request with `Connection: close` and read the whole answer; a hang fails the test."""
+    """Send one request with `Connection: close` and read the whole response; a hang fails the test."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
         connection.sendall(request)
         chunks = []
@@ -142,7 +142,7 @@ def test_control_character_in_key_rejected_without_store_query(gateway: SharedGa
 
     answer = exchange(gateway.port, request_with(b"X-API-KEY: udata_abc" + character + b"def"))
 
-    # uvicorn's httptools parser answers 400 before the gateway sees the request.
+    # uvicorn's httptools parser rejects it with 400 before the gateway sees the request.
     assert status_of(answer) == 400
     assert gateway.lookups.lookups == lookups
 

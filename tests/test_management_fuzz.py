@@ -3,7 +3,7 @@
 The document's path is the one README.md documents (a path containing
 "openapi"). Until the README documents one, the test skips; once
 it does, the gateway must serve a document there, and every generated
-request, valid or not, must get an answer below 500.
+request, valid or not, must get a response status below 500.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def base_url_for(document: dict[str, Any], gateway_url: str) -> str:
 def fuzz_operations(document: dict[str, Any], base_url: str, headers: dict[str, str]) -> int:
     """Send generated requests for every operation of `document`; return how many were sent.
 
-    Raises AssertionError on the first answer of 500 or more, naming the
+    Raises AssertionError on the first response status of 500 or more, naming the
     request. Each request has a 10-second timeout, so a hang fails too.
     """
     schema = schemathesis.openapi.from_dict(document)
@@ -70,8 +70,8 @@ def fuzz_operations(document: dict[str, Any], base_url: str, headers: dict[str, 
     return sent
 
 
-# Schemathesis 4.32 draws from the `random` module inside its strategies,
-# which Hypothesis 6.170 reports as a deprecation; the cases stay reproducible
+# Schemathesis 4.32 draws from the `random` module inside its strategies, and
+# Hypothesis 6.170 reports that as a deprecation. The cases stay reproducible
 # enough for a smoke fuzz.
 @pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 def test_management_api_survives_schemathesis(

@@ -32,7 +32,7 @@ def get(*header_lines: bytes, line_end: bytes = b"\r\n") -> bytes:
     return line_end.join(lines) + line_end + line_end
 
 
-# Shapes that uvicorn's httptools parser (llhttp) answers with 400 before the
+# Shapes that uvicorn's httptools parser (llhttp) rejects with 400 before the
 # gateway sees them. Measured with uvicorn 0.55 and httptools 0.9.
 REJECTED_SHAPES = {
     "content-length then chunked": post(
