@@ -153,6 +153,7 @@ def test_canary_never_leaks(
 
     # Store down, upstream down.
     assert send("store down", store_down).status_code == 503
+    assert send("auth_request, store down", store_down, path=config.auth.auth_request_path).status_code == 401
     mongo.api_token.insert_one({**document})
     mongo.user.update_one({"_id": user}, {"$set": {"active": True}})
     assert send("upstream down", upstream_down).status_code == 502

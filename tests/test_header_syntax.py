@@ -9,6 +9,13 @@ from hypothesis import strategies as st
 from gateway.header_syntax import has_invalid_header
 
 
+def test_has_invalid_header_leaves_key_to_authentication() -> None:
+    headers = [(b"x-api-key", b"udata_a\x01b"), (b"x_api_key", b"udata_a\x01b")]
+
+    assert has_invalid_header(headers[:1], key_header=b"x-api-key") is False
+    assert has_invalid_header(headers, key_header=b"x-api-key") is True
+
+
 @pytest.mark.parametrize(
     "headers, is_invalid",
     [
