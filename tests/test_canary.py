@@ -223,3 +223,51 @@ def test_canary_absent_from_cli_output(mongodb_uri: str, database_name: str, mon
     assert plaintext[14:] not in result.stderr
     assert stored["token_hash"][:16] not in result.stderr + result.stdout
     assert TEST_SECRET not in result.stderr + result.stdout
+
+
+def test_canary_through_legacy_paths(
+    make_config: Any,
+    start_gateway: Any,
+    echo_upstream: Any,
+    mongo: Any,
+    seed_user: Any,
+    mongodb_uri: str,
+    database_name: str,
+    every_log_line: tuple[io.StringIO, io.StringIO],
+) -> None:
+    canary = Canary()
+    migrated_by_cli = Canary()
+    _, upstream_server = echo_upstream
+    user = seed_user()
+    mongo.user.update_one({"_id": user}, {"$set": {"apikey": canary.key}})
+    other_user = seed_user()
+    mongo.user.update_one({"_id": other_user}, {"$set": {"apikey": migrated_by_cli.key}})
+    gateway = start_gateway(make_config(upstream_server.url, auth__legacy_fallback=True))
+    debug_everything()
+
+    first = httpx.get(f"{gateway.url}/x", headers={"X-API-KEY": canary.key})
+    again = httpx.get(f"{gateway.url}/x", headers={"X-API-KEY": canary.key})
+    wrong = httpx.get(f"{gateway.url}/x", headers={"X-API-KEY": canary.key + "x"})
+    gateway.server.stop()
+    result = run_cli(
+        "migrate-legacy-keys",
+        environ={
+            "GATEWAY_TOKENS_SECRET": TEST_SECRET,
+            "GATEWAY_STORE_URI": mongodb_uri,
+            "GATEWAY_STORE_DATABASE": database_name,
+            "GATEWAY_LOGGING_LEVEL": "debug",
+        },
+    )
+
+    assert first.status_code == 200
+    assert again.status_code == 200
+    assert wrong.status_code == 401
+    assert mongo.api_token.count_documents({"token_hash": canary.token_hash}) == 1
+    assert mongo.api_token.count_documents({"token_hash": migrated_by_cli.token_hash}) == 1
+    for response in (first, again, wrong):
+        canary.assert_absent(answer_text(response), "a legacy-key answer")
+    text_lines, json_lines = every_log_line
+    for leaked in (canary, migrated_by_cli):
+        leaked.assert_absent(text_lines.getvalue() + json_lines.getvalue(), "a log line")
+        leaked.assert_absent(result.stdout + result.stderr, "the migrate-legacy-keys output")
+    assert "DEBUG" in result.stderr
