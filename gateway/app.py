@@ -165,7 +165,12 @@ class GatewayApp:
             return None
 
         record = _record(scope)
-        identity = await self.authenticator.authenticate(_decode_key(raw_key), record.client)
+        try:
+            identity = await self.authenticator.authenticate(_decode_key(raw_key), record.client)
+        except StoreUnavailable:
+            # Audited here, so that the auth_request endpoint's store failures are audited too.
+            self.audit.write(AuditOutcome.STORE_UNAVAILABLE, record.request_id, self.describe_request(scope))
+            raise
         record.identity = identity
         self.audit.write(AuditOutcome.SUCCESS, record.request_id, self.describe_request(scope), identity)
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
@@ -188,7 +193,6 @@ class GatewayApp:
 
     async def store_unavailable(self, scope: Scope, send: Send, error: StoreUnavailable) -> None:
         record = _record(scope)
-        self.audit.write(AuditOutcome.STORE_UNAVAILABLE, record.request_id, self.describe_request(scope))
         logger.error(
             "Rejected %s %s with 503 because the token store is unavailable: %s (request id %s)",
             scope["method"],

@@ -243,3 +243,24 @@ def test_audit_line_when_store_down(
 )
 def test_printable_path_escapes_control_characters(raw_path: bytes, shown: str) -> None:
     assert printable_path({"raw_path": raw_path, "path": "/ignored"}) == shown
+
+
+def test_audit_line_when_store_down_in_auth_request_mode(
+    make_config: Any, start_gateway: Any, json_lines: io.StringIO
+) -> None:
+    config = make_config(
+        "",
+        environ={
+            "GATEWAY_STORE_URI": "mongodb://127.0.0.1:1/?directConnection=true",
+            "GATEWAY_STORE_TIMEOUT_SECONDS": "0.5",
+        },
+    )
+    gateway = start_gateway(config)
+
+    response = httpx.get(f"{gateway.url}{config.auth.auth_request_path}", headers={"X-API-KEY": "udata_whatever"})
+
+    gateway.server.stop()
+    assert response.status_code == 401
+    [entry] = read_entries(json_lines, "gateway.audit")
+    assert entry["outcome"] == "store_unavailable"
+    assert entry["request_id"] == response.headers["x-request-id"]
