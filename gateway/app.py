@@ -8,9 +8,12 @@ Everything that can be computed once is computed in `GatewayApp.__init__`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from gateway.access_log import AccessLog, RequestRecord
+from gateway.audit import AuditLog, AuditOutcome
 from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
 from gateway.config import Config, mask_password
@@ -23,8 +26,10 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.forwarded import client_address, original_method, original_path
+from gateway.header_syntax import has_invalid_header
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, expects_continue, read_key_header
 from gateway.legacy_keys import LegacyKeyStore
+from gateway.limiter import FailedLookupLimiter
 from gateway.management import ManagementRoutes
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
@@ -40,12 +45,15 @@ from gateway.token_manager import TokenManager
 from gateway.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
-audit_logger = logging.getLogger("gateway.audit")
 
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
 Route = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# The scope key under which each request carries its `RequestRecord`, so
+# that callbacks taking only the scope (the auth_request endpoint's) reach it.
+REQUEST_RECORD = "gateway.request_record"
 
 
 class GatewayApp:
@@ -55,7 +63,18 @@ class GatewayApp:
         self.config = config
         self.store = TokenStore.connect(config.store.uri, config.store, event_listeners)
         self.legacy_keys = _legacy_key_store(config, self.store)
-        self.authenticator = Authenticator(self.store, config.tokens.secret, config.cache, legacy_keys=self.legacy_keys)
+        self.failed_lookups = FailedLookupLimiter(
+            config.auth.failed_lookup_rate, config.auth.failed_lookup_burst, config.auth.failed_lookup_clients
+        )
+        self.authenticator = Authenticator(
+            self.store,
+            config.tokens.secret,
+            config.cache,
+            legacy_keys=self.legacy_keys,
+            failed_lookups=self.failed_lookups,
+        )
+        self.access_log = AccessLog(config.logging)
+        self.audit = AuditLog(config.logging.audit_log)
         self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
         self.upstream = UpstreamProxy(config.upstream) if config.upstream.url else None
         self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
@@ -91,9 +110,26 @@ class GatewayApp:
             await self.lifespan(receive, send)
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        peer = scope.get("client")
+        record = self.access_log.begin(
+            scope, client_address(scope["headers"], peer[0] if peer else None, self.trusted_proxies)
+        )
+        scope[REQUEST_RECORD] = record
+        send = self.access_log.wrap_send(send, record)
+        try:
+            await self.dispatch(scope, receive, send)
+        finally:
+            self.access_log.finish(record)
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"])
         if route is not None:
             await route(scope, receive, send)
+            return
+        if has_invalid_header(scope["headers"], key_header=self.key_header):
+            logger.warning("Rejected %s %s with 400: a header is malformed.", scope["method"], _record(scope).path)
+            # The connection closes: what follows on it cannot be trusted to be framed right.
+            await send_error(send, 400, "Malformed request header", [(b"connection", b"close")])
             return
         if self.management.owns(scope["path"]):
             await self.manage(scope, receive, send)
@@ -131,7 +167,15 @@ class GatewayApp:
                 raise AuthenticationFailed(AuthFailureReason.MISSING)
             return None
 
-        identity = await self.authenticator.authenticate(_decode_key(raw_key))
+        record = _record(scope)
+        try:
+            identity = await self.authenticator.authenticate(_decode_key(raw_key), record.client)
+        except StoreUnavailable:
+            # Audited here, so that the auth_request endpoint's store failures are audited too.
+            self.audit.write(AuditOutcome.STORE_UNAVAILABLE, record.request_id, self.describe_request(scope))
+            raise
+        record.identity = identity
+        self.audit.write(AuditOutcome.SUCCESS, record.request_id, self.describe_request(scope), identity)
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
         return identity
 
@@ -151,24 +195,27 @@ class GatewayApp:
             await self.store_unavailable(scope, send, exc)
 
     async def store_unavailable(self, scope: Scope, send: Send, error: StoreUnavailable) -> None:
+        record = _record(scope)
         logger.error(
-            "Rejected %s %s with 503 because the token store is unavailable: %s", scope["method"], scope["path"], error
+            "Rejected %s %s with 503 because the token store is unavailable: %s (request id %s)",
+            scope["method"],
+            record.path,
+            error,
+            record.request_id.decode(),
         )
         await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1"), *_closing_headers(scope)])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
-        client, method, path = self.describe_request(scope)
-        audit_logger.info(
-            "Authentication failed: reason=%s client=%s method=%s path=%s", reason.value, client, method, path
-        )
+        record = _record(scope)
+        self.audit.write(AuditOutcome(reason.value), record.request_id, self.describe_request(scope))
         headers = [*unauthorized_headers(reason, self.config.auth.header), *_closing_headers(scope)]
+        if reason is AuthFailureReason.THROTTLED and record.client is not None:
+            retry_after = math.ceil(self.failed_lookups.retry_after(record.client))
+            headers.append((b"retry-after", str(max(1, retry_after)).encode()))
         await send_error(send, 401, reason.message, headers)
 
     async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
-        client, method, path = self.describe_request(scope)
-        audit_logger.info(
-            "Access denied: reason=scope token=%s client=%s method=%s path=%s", identity.token_id, client, method, path
-        )
+        self.audit.write(AuditOutcome.FORBIDDEN, _record(scope).request_id, self.describe_request(scope), identity)
         await send_error(send, 403, FORBIDDEN_MESSAGE, _closing_headers(scope))
 
     def describe_request(self, scope: Scope) -> tuple[str, str, str]:
@@ -195,6 +242,7 @@ class GatewayApp:
             )
             return
 
+        record = _record(scope)
         client = scope.get("client")
         headers = self.header_policy.rewrite(
             scope["headers"],
@@ -203,15 +251,29 @@ class GatewayApp:
             identity.user_id if identity else None,
             read_key_header(scope["headers"], self.key_header) if identity else None,
         )
+        headers = self.access_log.upstream_headers(headers, record)
+        record.start_upstream()
         try:
             await self.upstream.forward(scope, receive, send, headers)
         except ClientDisconnected:
-            logger.info("The client of %s %s disconnected while sending its body.", scope["method"], scope["path"])
+            logger.info("The client of %s %s disconnected while sending its body.", scope["method"], record.path)
         except UpstreamTimeout as exc:
-            logger.error("Upstream timed out for %s %s: %s", scope["method"], scope["path"], exc)
+            logger.error(
+                "Upstream timed out for %s %s: %s (request id %s)",
+                scope["method"],
+                record.path,
+                exc,
+                record.request_id.decode(),
+            )
             await send_error(send, 504, "The upstream API did not answer in time", _closing_headers(scope))
         except UpstreamError as exc:
-            logger.error("Upstream failed for %s %s: %s", scope["method"], scope["path"], exc)
+            logger.error(
+                "Upstream failed for %s %s: %s (request id %s)",
+                scope["method"],
+                record.path,
+                exc,
+                record.request_id.decode(),
+            )
             await send_error(send, 502, "The upstream API is unreachable", _closing_headers(scope))
 
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -292,6 +354,11 @@ def _decode_key(raw_key: bytes) -> str:
         return raw_key.strip().decode("utf-8")
     except UnicodeDecodeError:
         raise AuthenticationFailed(AuthFailureReason.INVALID) from None
+
+
+def _record(scope: Scope) -> RequestRecord:
+    record: RequestRecord = scope[REQUEST_RECORD]
+    return record
 
 
 def _user_agent(headers: list[tuple[bytes, bytes]]) -> str | None:

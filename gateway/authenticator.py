@@ -24,6 +24,7 @@ from pymongo.errors import DuplicateKeyError
 from gateway.config import CacheConfig
 from gateway.errors import AuthenticationFailed, AuthFailureReason
 from gateway.legacy_keys import LegacyKeyStore, migrated_token
+from gateway.limiter import FailedLookupLimiter
 from gateway.store import OWNER_FIELD, TokenStore, is_usable_user_id
 from gateway.tokens import hash_token, is_well_formed_key
 
@@ -62,9 +63,11 @@ class Authenticator:
         cache_config: CacheConfig,
         clock: Callable[[], float] = time.time,
         legacy_keys: LegacyKeyStore | None = None,
+        failed_lookups: FailedLookupLimiter | None = None,
     ) -> None:
         self.store = store
         self.legacy_keys = legacy_keys
+        self.failed_lookups = failed_lookups
         self.secrets = tuple(secrets)
         self.cache_ttl = cache_config.ttl_seconds
         self.clock = clock
@@ -76,11 +79,13 @@ class Authenticator:
         self._pending: dict[str, asyncio.Future[Identity]] = {}
         self._evictions = 0
 
-    async def authenticate(self, key: str) -> Identity:
-        """Return the identity owning `key`.
+    async def authenticate(self, key: str, client: str | None = None) -> Identity:
+        """Return the identity owning `key`, sent by the client at address `client`.
 
         Raises `AuthenticationFailed` with the reason when the key does not
         authenticate (a malformed key fails without a store query), and `StoreUnavailable` when the store cannot answer.
+        A client that spent its failed lookups gets `THROTTLED` for keys
+        that are not cached, without a store query.
         """
         if not is_well_formed_key(key):
             raise AuthenticationFailed(AuthFailureReason.INVALID)
@@ -95,12 +100,21 @@ class Authenticator:
         if reason is not None:
             raise AuthenticationFailed(reason)
 
+        limiter = self.failed_lookups
+        if client is not None and limiter is not None and not limiter.allows(client):
+            raise AuthenticationFailed(AuthFailureReason.THROTTLED)
+
         pending = self._pending.get(cache_key)
         if pending is None:
             pending = asyncio.ensure_future(self._look_up(key, cache_key))
             self._pending[cache_key] = pending
             pending.add_done_callback(lambda future: self._finish_lookup(cache_key, future))
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except AuthenticationFailed:
+            if client is not None and limiter is not None:
+                limiter.charge(client)
+            raise
 
     def evict_token(self, token_id: Any) -> int:
         """Drop every cached answer for the token `token_id`; return how many were dropped.

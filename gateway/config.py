@@ -26,6 +26,9 @@ DEFAULT_PORT = 8080
 DEFAULT_CACHE_TTL_SECONDS = 10.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 2.0
 DEFAULT_STORE_TIMEOUT_SECONDS = 2.0
+DEFAULT_FAILED_LOOKUP_RATE = 1.0
+DEFAULT_FAILED_LOOKUP_BURST = 20
+DEFAULT_FAILED_LOOKUP_CLIENTS = 10_000
 MIN_SECRET_LENGTH = 16
 
 Check = Callable[[Any], str | None]
@@ -152,6 +155,9 @@ class AuthConfig:
     legacy_field: str = _setting("apikey", _field_name)
     auth_request_path: str = _setting("/_auth", _path)
     required_scopes: list[str] = _setting([])
+    failed_lookup_rate: float = _setting(DEFAULT_FAILED_LOOKUP_RATE, _not_negative)
+    failed_lookup_burst: int = _setting(DEFAULT_FAILED_LOOKUP_BURST, _positive)
+    failed_lookup_clients: int = _setting(DEFAULT_FAILED_LOOKUP_CLIENTS, _positive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +195,9 @@ class LoggingConfig:
     health_path: str = _setting("/healthz", _path)
     ready_path: str = _setting("/readyz", _path)
     metrics_path: str = _setting("/metrics", _path)
+    access_log: bool = _setting(True)
+    audit_log: bool = _setting(True)
+    request_id_header: str = _setting("X-Request-ID", _header_name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,8 @@ class AuthFailureReason(enum.Enum):
     EXPIRED = "expired"
     INACTIVE_USER = "inactive_user"
     MISSING = "missing"
+    # The client spent its failed store lookups (see gateway.limiter).
+    THROTTLED = "throttled"
 
     @property
     def message(self) -> str:
@@ -62,6 +64,9 @@ _FAILURE_MESSAGES = {
     AuthFailureReason.EXPIRED: "Expired API token",
     AuthFailureReason.INACTIVE_USER: "Inactive user",
     AuthFailureReason.MISSING: "API token required",
+    # The same text as an unknown key: a throttled client learns nothing new
+    # about the key it sent.
+    AuthFailureReason.THROTTLED: "Invalid API token",
 }
 
 

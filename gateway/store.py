@@ -25,8 +25,11 @@ logger = logging.getLogger(__name__)
 
 # pymongo logs every command and reply at DEBUG, token hashes included. A
 # hash is as good as a key for an offline guess, so that logger never goes
-# below INFO, whatever level the application sets on the root logger.
-logging.getLogger("pymongo.command").setLevel(logging.INFO)
+# below INFO, whatever level the application sets on the root logger. The
+# filter drops those records even when something later sets the logger itself to DEBUG.
+_COMMAND_LOGGER = logging.getLogger("pymongo.command")
+_COMMAND_LOGGER.setLevel(logging.INFO)
+_COMMAND_LOGGER.addFilter(lambda record: record.levelno >= logging.INFO)
 
 MAX_USER_AGENTS = 20
 OWNER_FIELD = "owner"

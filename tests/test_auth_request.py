@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import socket
 import time
 from typing import Any
@@ -246,4 +247,9 @@ def test_auth_request_believes_forwarded_headers_only_from_trusted(
 
     assert response.status_code == 401
     lines = [record.getMessage() for record in caplog.records if record.name == "gateway.audit"]
-    assert lines == [f"Authentication failed: reason=invalid client={client} method={method} path={path}"]
+    assert len(lines) == 1
+    assert re.fullmatch(
+        rf"Authentication failed: request_id=[0-9a-f]{{32}} reason=invalid client={client} method={method} "
+        rf"path={re.escape(path)}",
+        lines[0],
+    )
