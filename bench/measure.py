@@ -68,6 +68,22 @@ def process_tree_rss_mib(pid: int) -> float:
     return total_kib / 1024
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """Return the user and system CPU time used so far by `pid` and its descendants."""
+    ticks = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            # Fields 14 and 15 of /proc/PID/stat, counted after the command name in parentheses.
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+        pending.extend(_children(current))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

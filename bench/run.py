@@ -49,7 +49,7 @@ class Row:
     label: str
     port: int
     kind: str = "anonymous"
-    path: str = "/"
+    gateway: str | None = None
 
 
 @dataclasses.dataclass
@@ -58,6 +58,7 @@ class RowResults:
     runs: list[WrkResult] = dataclasses.field(default_factory=list)
     ratios: list[float] = dataclasses.field(default_factory=list)
     store_lookups: int = 0
+    gateway_cpu_seconds: float = 0.0
 
     def median(self, name: str) -> float:
         return statistics.median(getattr(run, name) for run in self.runs)
@@ -69,6 +70,12 @@ class RowResults:
     @property
     def errors(self) -> int:
         return sum(run.errors for run in self.runs)
+
+    @property
+    def gateway_cpu_microseconds(self) -> float | None:
+        if self.row.gateway is None:
+            return None
+        return self.gateway_cpu_seconds / max(1, self.requests) * 1e6
 
 
 def main() -> None:
@@ -139,16 +146,16 @@ def _rows(stack: Stack, auth_route: dict[str, bool]) -> list[Row]:
         Row("direct to the upstream", stack.upstream.port),
         Row("nginx proxy_pass, no auth", ports["proxy"]),
         Row("nginx auth_request to a no-op app", ports["noop"]),
-        Row("gateway proxy, cached key (uvicorn)", uvicorn, "warm"),
-        Row("gateway proxy, cached key (granian)", granian, "warm"),
+        Row("gateway proxy, cached key (uvicorn)", uvicorn, "warm", "uvicorn"),
+        Row("gateway proxy, cached key (granian)", granian, "warm", "granian"),
     ]
     for server in ("uvicorn", "granian"):
         if auth_route[server]:
-            rows.append(Row(f"nginx auth_request to gateway, cached key ({server})", ports[server], "warm"))
+            rows.append(Row(f"nginx auth_request to gateway, cached key ({server})", ports[server], "warm", server))
     rows += [
-        Row("gateway proxy, keys never seen (uvicorn)", uvicorn, "cold"),
-        Row("gateway proxy, anonymous (uvicorn)", uvicorn),
-        Row("gateway proxy, anonymous (granian)", granian),
+        Row("gateway proxy, keys never seen (uvicorn)", uvicorn, "cold", "uvicorn"),
+        Row("gateway proxy, anonymous (uvicorn)", uvicorn, gateway="uvicorn"),
+        Row("gateway proxy, anonymous (granian)", granian, gateway="granian"),
     ]
     return rows
 
@@ -178,17 +185,25 @@ def _run_rounds(stack: Stack, rows: list[Row], rounds: int, duration: float) -> 
     for round_index in range(rounds):
         direct: float | None = None
         for result in results:
-            before = stack.store_relay.token_lookups()
+            lookups_before = stack.store_relay.token_lookups()
+            cpu_before = _gateway_cpu_seconds(stack, result.row)
             run = _run_row(stack, result.row, duration, round_index)
-            result.store_lookups += stack.store_relay.token_lookups() - before
+            result.store_lookups += stack.store_relay.token_lookups() - lookups_before
+            result.gateway_cpu_seconds += _gateway_cpu_seconds(stack, result.row) - cpu_before
             result.runs.append(run)
             direct = direct or run.requests_per_second
             result.ratios.append(run.requests_per_second / direct)
     return results
 
 
+def _gateway_cpu_seconds(stack: Stack, row: Row) -> float:
+    if row.gateway is None:
+        return 0.0
+    return measure.process_tree_cpu_seconds(stack.gateways[row.gateway].process.pid)
+
+
 def _run_row(stack: Stack, row: Row, duration: float, round_index: int) -> WrkResult:
-    url = stack.url(row.port, row.path)
+    url = stack.url(row.port)
     if row.kind == "warm":
         return run_wrk(url, duration, headers=[f"X-API-KEY: {stack.warm_key}"])
     if row.kind == "cold":
@@ -214,6 +229,7 @@ def _row_report(result: RowResults) -> dict[str, Any]:
         "requests": result.requests,
         "errors": result.errors,
         "store_lookups": result.store_lookups,
+        "gateway_cpu_microseconds": result.gateway_cpu_microseconds,
     }
 
 
@@ -225,23 +241,31 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"Load average before: {load}; after: {load_after}")
     print(f"{report['rounds']} round(s) of {report['duration_seconds']:g} s per row, wrk 32 connections; medians.")
     print()
-    header = f"{'row':<52} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'(min-max)':>11} {'errors':>6}"
+    header = (
+        f"{'row':<52} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'(min-max)':>11}"
+        f" {'errors':>6} {'gw CPU':>7}"
+    )
     print(header)
     print("-" * len(header))
     for row in report["rows"]:
         spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
         print(
             f"{row['label']:<52} {row['requests_per_second']:>8.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f}"
-            f" {row['ratio']:>6.2f} {spread:>11} {row['errors']:>6}"
+            f" {row['ratio']:>6.2f} {spread:>11} {row['errors']:>6} {_microseconds(row['gateway_cpu_microseconds'])}"
         )
     for server, present in report["auth_route"].items():
         if not present:
             print(f"(no auth_request row for {server}: this gateway has no auth_request route)")
+    print("gw CPU: user and system CPU time of the gateway's processes per request, in microseconds.")
     print()
     _print_store_and_memory(report)
     print()
     _print_targets(report)
     print(f"\nTotal time: {report['elapsed_seconds']:.0f} s")
+
+
+def _microseconds(value: float | None) -> str:
+    return f"{'-':>7}" if value is None else f"{value:>5.0f}us"
 
 
 def _print_store_and_memory(report: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from gateway.config import CacheConfig
 from gateway.errors import AuthenticationFailed, AuthFailureReason
 from gateway.legacy_keys import LegacyKeyStore, migrated_token
 from gateway.store import OWNER_FIELD, TokenStore
-from gateway.tokens import hash_token, is_well_formed_key
+from gateway.tokens import hash_token, is_well_formed_key, token_hasher
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Authenticator:
         self.store = store
         self.legacy_keys = legacy_keys
         self.secrets = tuple(secrets)
+        self._hash_with_first_secret = token_hasher(self.secrets[0])
         self.cache_ttl = cache_config.ttl_seconds
         self.clock = clock
         self.check_users = store.users is not None
@@ -84,7 +85,7 @@ class Authenticator:
         """
         if not is_well_formed_key(key):
             raise AuthenticationFailed(AuthFailureReason.INVALID)
-        cache_key = hash_token(self.secrets[0], key)
+        cache_key = self._hash_with_first_secret(key)
 
         identity = self.positive.get(cache_key)
         if identity is not None:
