@@ -60,6 +60,7 @@ class Stack:
     store_uri: str
     store_relay: StoreRelay
     upstream: Server
+    noop_auth: Server
     gateways: dict[str, Server]
     nginx: Server
     nginx_ports: dict[str, int]
@@ -84,18 +85,22 @@ def running_stack(directory: Path, cold_pool_sizes: dict[str, int], auth_path: s
         relay = StoreRelay(int(store_uri.split(":")[2].split("/")[0])).start()
         stop.callback(relay.stop)
 
-        upstream = _start_upstream(directory)
+        upstream = _start_upstream(directory, "upstream")
         stop.callback(upstream.stop)
+        # A second instance answers nginx's subrequests in the no-op row, so
+        # that the upstream serves one request per client request in every row.
+        noop_auth = _start_upstream(directory, "noop-auth")
+        stop.callback(noop_auth.stop)
         gateways = {}
         for server in SERVERS:
             gateways[server] = _start_gateway(directory, server, upstream.url, relayed_uri(store_uri, relay))
             stop.callback(gateways[server].stop)
 
-        targets = [AuthTarget("noop", upstream.port, "/")]
+        targets = [AuthTarget("noop", noop_auth.port, "/")]
         targets += [AuthTarget(server, gateway.port, auth_path) for server, gateway in gateways.items()]
         nginx, nginx_ports = start_nginx(directory / "nginx", upstream.port, targets)
         stop.callback(nginx.stop)
-        yield Stack(directory, store_uri, relay, upstream, gateways, nginx, nginx_ports, warm_key)
+        yield Stack(directory, store_uri, relay, upstream, noop_auth, gateways, nginx, nginx_ports, warm_key)
 
 
 def seed_tokens(store_uri: str, directory: Path, cold_pool_sizes: dict[str, int]) -> str:
@@ -139,11 +144,11 @@ def _insert_tokens(database: Any, users: list[ObjectId], count: int) -> list[str
     return keys
 
 
-def _start_upstream(directory: Path) -> Server:
+def _start_upstream(directory: Path, name: str) -> Server:
     port = free_port()
     arguments = ["-m", "uvicorn", "bench.upstream:app", "--host", "127.0.0.1", "--port", str(port)]
     arguments += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-    return start_python("upstream", arguments, port, directory)
+    return start_python(name, arguments, port, directory)
 
 
 def _start_gateway(directory: Path, server: str, upstream_url: str, store_uri: str) -> Server:
