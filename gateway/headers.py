@@ -91,7 +91,8 @@ def response_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     header is added when the upstream sent none.
     """
     headers = [(name.lower(), value) for name, value in raw_headers]
-    dropped = HOP_BY_HOP_HEADERS | connection_named_headers(headers)
+    connection_named = connection_named_headers(headers)
+    dropped = HOP_BY_HOP_HEADERS | connection_named if connection_named else HOP_BY_HOP_HEADERS
     forwarded = [(name, value) for name, value in headers if name not in dropped]
     if not any(name == b"date" for name, _ in forwarded):
         forwarded.append((b"date", current_http_date()))
