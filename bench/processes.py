@@ -51,8 +51,9 @@ def start_server(
     log_dir: Path,
     environment: dict[str, str] | None = None,
     inherit: bool = True,
+    cwd: Path = REPOSITORY,
 ) -> Server:
-    """Run `command`, which must listen on 127.0.0.1:`port`; raise RuntimeError when it does not.
+    """Run `command` in `cwd`; it must listen on 127.0.0.1:`port`, else RuntimeError is raised.
 
     The child gets this process's environment updated with `environment`,
     or `environment` alone when `inherit` is false.
@@ -65,7 +66,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(environment or {})} if inherit else dict(environment or {}),
-            cwd=REPOSITORY,
+            cwd=cwd,
         )
     server = Server(name, process, port, log_path)
     _wait_until_listening(server)
@@ -79,11 +80,12 @@ def start_python(
     log_dir: Path,
     environment: dict[str, str] | None = None,
     inherit: bool = True,
+    checkout: Path = REPOSITORY,
 ) -> Server:
-    """Run this interpreter with `arguments` and the checkout first on PYTHONPATH."""
-    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    """Run this interpreter with `arguments` in `checkout`, which comes first on PYTHONPATH."""
+    python_path = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
     environment = {**(environment or {}), "PYTHONPATH": python_path}
-    return start_server(name, [sys.executable, *arguments], port, log_dir, environment, inherit)
+    return start_server(name, [sys.executable, *arguments], port, log_dir, environment, inherit, checkout)
 
 
 def _wait_until_listening(server: Server) -> None:

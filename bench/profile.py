@@ -1,9 +1,9 @@
 """Profile one gateway under wrk load with py-spy and print where its time goes.
 
-    python -m bench.profile [--server uvicorn|granian] [--anonymous] [--seconds N] [--output FILE]
+    python -m bench.profile [--server uvicorn|granian] [--anonymous] [--auth-request] [--seconds N] [--output FILE]
 
-Starts the benchmark's stack, loads the gateway in proxy mode with the warm
-key (or no key), samples the process that serves requests with `py-spy
+Starts the benchmark's stack, loads the gateway in proxy mode (or through
+nginx's auth_request) with the warm key (or no key), samples the process that serves requests with `py-spy
 record` (folded stacks, 250 samples per second) and prints the functions
 with the most samples on top of the stack ("self") and anywhere in it
 ("total"). py-spy comes with the `bench` extra. Coroutines resumed by the
@@ -60,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
     parser.add_argument("--anonymous", action="store_true", help="send no key instead of the cached one")
+    parser.add_argument("--auth-request", action="store_true", help="load nginx's auth_request server instead")
     parser.add_argument("--seconds", type=int, default=8, help="seconds to sample (default 8)")
     parser.add_argument("--output", help="also keep the folded stacks in this file")
     arguments = parser.parse_args()
@@ -75,16 +76,19 @@ def main() -> None:
         with running_stack(directory, {}, AuthConfig().auth_request_path) as stack:
             gateway = stack.gateways[arguments.server]
             headers = [] if arguments.anonymous else [f"X-API-KEY: {stack.warm_key}"]
-            run_wrk(stack.url(gateway.port), 1, headers=headers)
+            port = stack.nginx_ports[arguments.server] if arguments.auth_request else gateway.port
+            run_wrk(stack.url(port), 1, headers=headers)
             command = [py_spy, "record", "--pid", str(serving_pid(arguments.server, gateway.process.pid))]
             command += ["--duration", str(arguments.seconds), "--rate", str(SAMPLE_RATE), "--nonblocking"]
             command += ["--format", "raw", "--output", str(folded_path)]
             sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            result = run_wrk(stack.url(gateway.port), arguments.seconds + 1, headers=headers)
+            result = run_wrk(stack.url(port), arguments.seconds + 1, headers=headers)
             sampler.wait(arguments.seconds + 30)
         total, innermost, anywhere = summarize(folded_path.read_text())
 
-    load = "anonymous" if arguments.anonymous else "cached key"
+    load = ("auth_request, " if arguments.auth_request else "proxy, ") + (
+        "anonymous" if arguments.anonymous else "cached key"
+    )
     print(f"{arguments.server}, {load}: {result.requests_per_second:.0f} requests/s, {total} samples")
     print("\nself:")
     for function, count in innermost.most_common(TOP):

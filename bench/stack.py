@@ -14,7 +14,7 @@ import pymongo
 from bson import ObjectId
 
 from bench.nginx import AuthTarget, start_nginx
-from bench.processes import Server, free_port, start_python
+from bench.processes import REPOSITORY, Server, free_port, start_python
 from bench.store_relay import StoreRelay, relayed_uri
 from gateway.embedded import EmbeddedStore
 from gateway.tokens import display_prefix, generate_token, hash_token
@@ -85,15 +85,15 @@ def running_stack(directory: Path, cold_pool_sizes: dict[str, int], auth_path: s
         relay = StoreRelay(int(store_uri.split(":")[2].split("/")[0])).start()
         stop.callback(relay.stop)
 
-        upstream = _start_upstream(directory, "upstream")
+        upstream = _start_upstream(directory, "upstream", "bench.upstream:app")
         stop.callback(upstream.stop)
-        # A second instance answers nginx's subrequests in the no-op row, so
-        # that the upstream serves one request per client request in every row.
-        noop_auth = _start_upstream(directory, "noop-auth")
+        # The no-op auth target runs in its own process, so that the upstream
+        # serves one request per client request in every row.
+        noop_auth = _start_upstream(directory, "noop-auth", "bench.upstream:allow_all")
         stop.callback(noop_auth.stop)
         gateways = {}
         for server in SERVERS:
-            gateways[server] = _start_gateway(directory, server, upstream.url, relayed_uri(store_uri, relay))
+            gateways[server] = start_gateway(directory, server, upstream.url, relayed_uri(store_uri, relay))
             stop.callback(gateways[server].stop)
 
         targets = [AuthTarget("noop", noop_auth.port, "/")]
@@ -144,15 +144,19 @@ def _insert_tokens(database: Any, users: list[ObjectId], count: int) -> list[str
     return keys
 
 
-def _start_upstream(directory: Path, name: str) -> Server:
+def _start_upstream(directory: Path, name: str, app: str) -> Server:
     port = free_port()
-    arguments = ["-m", "uvicorn", "bench.upstream:app", "--host", "127.0.0.1", "--port", str(port)]
+    arguments = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     arguments += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
     return start_python(name, arguments, port, directory)
 
 
-def _start_gateway(directory: Path, server: str, upstream_url: str, store_uri: str) -> Server:
-    config_path = directory / f"gateway-{server}.toml"
+def start_gateway(
+    directory: Path, server: str, upstream_url: str, store_uri: str, checkout: Path = REPOSITORY, name: str = ""
+) -> Server:
+    """Run `gateway serve` from `checkout` under `server` with the benchmark's configuration."""
+    name = name or f"gateway-{server}"
+    config_path = directory / f"{name}.toml"
     config_path.write_text(
         GATEWAY_CONFIG.format(
             server=server,
@@ -168,4 +172,4 @@ def _start_gateway(directory: Path, server: str, upstream_url: str, store_uri: s
     environment = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
     port = free_port()
     arguments = ["-m", "gateway", "serve", "--config", str(config_path), "--port", str(port)]
-    return start_python(f"gateway-{server}", arguments, port, directory, environment, inherit=False)
+    return start_python(name, arguments, port, directory, environment, inherit=False, checkout=checkout)

@@ -1,8 +1,12 @@
-"""The trivial upstream API of the benchmark: answers every request with 200 and a short body.
+"""The trivial apps of the benchmark: an upstream API and a no-op auth_request target.
 
-It reads no body and does no work, so each row of the table measures the
-cost of what stands in front of it. The `x-bench-upstream` response header
-lets the benchmark tell an answer of this app from one of the gateway.
+`app` answers every request with 200 and a short body; `allow_all` answers
+200 with an empty body, as the gateway's auth_request endpoint answers with
+no body. nginx's auth_request reads only the status and headers of the
+subrequest's response, so a body there would cost it the keepalive
+connection. Neither app reads a request body or does any work, so each row of
+the table measures the cost of what stands in front of them. The
+`x-bench-upstream` header tells an answer of `app` from one of the gateway.
 """
 
 from __future__ import annotations
@@ -17,15 +21,28 @@ HEADERS = [
 ]
 START = {"type": "http.response.start", "status": 200, "headers": HEADERS}
 END = {"type": "http.response.body", "body": BODY}
+ALLOW_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]}
+ALLOW_END = {"type": "http.response.body", "body": b""}
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        await receive()
-        await send({"type": "lifespan.startup.complete"})
-        await receive()
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    if scope["type"] == "http":
+        await _lifespan(receive, send)
+    elif scope["type"] == "http":
         await send(START)
         await send(END)
+
+
+async def allow_all(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+    elif scope["type"] == "http":
+        await send(ALLOW_START)
+        await send(ALLOW_END)
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "lifespan.startup.complete"})
+    await receive()
+    await send({"type": "lifespan.shutdown.complete"})
