@@ -1,10 +1,11 @@
 """Measure the memory of the gateway's positive cache per entry, in a process of its own.
 
 Run as `python -m bench.cache_memory ENTRIES`: fills the `Authenticator`'s
-TLRU cache with `ENTRIES` identities shaped like real ones (a 64-digit hash
-as the key, an ObjectId token id, a 24-digit user id, a display prefix, one
-scope) and prints a JSON object with the resident memory before and after.
-Every entry gets its own objects, as entries built from store documents do.
+TLRU cache with `ENTRIES` identities built by the gateway's own conversion
+from token documents (a 64-digit hash as the key, an ObjectId token id and
+user, a display prefix, one scope, no User-Agent yet) and prints a JSON
+object with the resident memory before and after. Every entry gets its own
+objects, as entries built from store documents do.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from bson import ObjectId
 
-from gateway.authenticator import Authenticator, Identity
+from gateway.authenticator import Authenticator, Identity, _identity_from
 from gateway.config import CacheConfig, StoreConfig
 from gateway.store import TokenStore
 from gateway.tokens import hash_token
@@ -31,14 +32,16 @@ def resident_bytes() -> int:
 
 
 def make_identity(index: int) -> Identity:
-    return Identity(
-        user_id=str(ObjectId()),
-        token_id=ObjectId(),
-        token_prefix=f"udata_{index:08x}"[:14],
-        scopes=tuple(["admin"]),
-        expires_at=None,
-        user_agents=frozenset(),
-    )
+    # The document as the store returns it; the gateway's own conversion builds the entry.
+    document = {
+        "_id": ObjectId(),
+        "user": ObjectId(),
+        "token_prefix": f"udata_{index:08x}"[:14],
+        "scopes": ["admin"],
+        "expires_at": None,
+        "user_agents": [],
+    }
+    return _identity_from(document)
 
 
 def measure(entries: int) -> dict[str, float]:
