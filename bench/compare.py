@@ -2,7 +2,7 @@
 
     python -m bench.compare OTHER_CHECKOUT [--server uvicorn|granian] [--rounds N] [--duration SECONDS]
 
-Both gateways run side by side against the same upstream and store; each
+Both gateways run side by side against the same upstream and store. Each
 round loads one, then the other, with the cached key and then without a key.
 On a shared machine the load changes from second to second, so the paired
 figures of one round are compared, and the table shows their medians: requests

@@ -2,12 +2,13 @@
 
     python -m bench.profile [--server uvicorn|granian] [--anonymous] [--auth-request] [--seconds N] [--output FILE]
 
-Starts the benchmark's stack, loads the gateway in proxy mode (or through
-nginx's auth_request) with the warm key (or no key), samples the process that serves requests with `py-spy
-record` (folded stacks, 250 samples per second) and prints the functions
-with the most samples on top of the stack ("self") and anywhere in it
-("total"). py-spy comes with the `bench` extra. Coroutines resumed by the
-event loop show without the loop's frames, so "total" undercounts callers.
+Starts the benchmark's stack and loads the gateway in proxy mode (or through
+nginx's auth_request) with the warm key (or no key). Meanwhile `py-spy
+record` samples the process that serves requests (folded stacks, 250 samples
+per second). Then it prints the functions with the most samples on top of
+the stack ("self") and anywhere in it ("total"). py-spy comes with the
+`bench` extra. Coroutines resumed by the event loop show without the loop's
+frames, so "total" undercounts callers.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def _rows(stack: Stack, auth_route: dict[str, bool]) -> list[Row]:
 
 def _has_auth_route(stack: Stack, server: str, auth_path: str) -> bool:
     # Without its own auth_request route the gateway forwards the path to the
-    # upstream, whose answers carry `x-bench-upstream`.
+    # upstream, whose responses carry `x-bench-upstream`.
     request = urllib.request.Request(
         stack.url(stack.gateways[server].port, auth_path), headers={"X-API-KEY": stack.warm_key}
     )

@@ -23,7 +23,7 @@ SECRET = "bench-secret-0123456789-abcdefghij"
 DATABASE = "udata"
 USERS = 100
 # Long enough that no warm entry expires during a run, so the warm rows show
-# the cache alone; the default of 10 s costs one store query per key every 10 s.
+# the cache alone. The default of 10 s costs one store query per key every 10 s.
 CACHE_TTL_SECONDS = 600
 # The positive cache must hold every key the run sends.
 CACHE_MAX_ENTRIES = 100_000

@@ -1,12 +1,12 @@
 """The trivial apps of the benchmark: an upstream API and a no-op auth_request target.
 
-`app` answers every request with 200 and a short body; `allow_all` answers
-200 with an empty body, as the gateway's auth_request endpoint answers with
-no body. nginx's auth_request reads only the status and headers of the
+`app` responds to every request with 200 and a short body. `allow_all`
+responds with 200 and an empty body, like the gateway's auth_request
+endpoint, which sends no body. nginx's auth_request reads only the status and headers of the
 subrequest's response, so a body there would cost it the keepalive
 connection. Neither app reads a request body or does any work, so each row of
 the table measures the cost of what stands in front of them. The
-`x-bench-upstream` header tells an answer of `app` from one of the gateway.
+`x-bench-upstream` header tells a response of `app` from one of the gateway.
 """
 
 from __future__ import annotations
