@@ -33,6 +33,10 @@ HOP_BY_HOP_HEADERS = frozenset(
 FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 UNTRUSTED_FORWARDING_HEADERS = (*FORWARDED_HEADERS, b"forwarded", b"x-real-ip", b"x-forwarded-uri", b"x-original-uri")
 
+# Bounds of the memo of folded header names: about 1,000 names of at most 64 bytes.
+MAX_REMEMBERED_HEADER_NAMES = 1_000
+MAX_REMEMBERED_HEADER_NAME_LENGTH = 64
+
 _NOT_ALPHANUMERIC = bytes(code for code in range(256) if not chr(code).isascii() or not chr(code).isalnum())
 
 
@@ -87,7 +91,8 @@ def response_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     header is added when the upstream sent none.
     """
     headers = [(name.lower(), value) for name, value in raw_headers]
-    dropped = HOP_BY_HOP_HEADERS | connection_named_headers(headers)
+    connection_named = connection_named_headers(headers)
+    dropped = HOP_BY_HOP_HEADERS | connection_named if connection_named else HOP_BY_HOP_HEADERS
     forwarded = [(name, value) for name, value in headers if name not in dropped]
     if not any(name == b"date" for name, _ in forwarded):
         forwarded.append((b"date", current_http_date()))
@@ -123,6 +128,8 @@ class RequestHeaderPolicy:
         self._always_dropped_folded = frozenset({fold_header_name(self.user_header), fold_header_name(self.key_header)})
         self._untrusted_folded = frozenset(fold_header_name(name) for name in UNTRUSTED_FORWARDING_HEADERS)
         self._forwarded_folded = frozenset(fold_header_name(name) for name in FORWARDED_HEADERS)
+        self._untrusted_dropped_folded = self._always_dropped_folded | self._untrusted_folded
+        self._folded_names: dict[bytes, bytes] = {}
         # The gateway answers `Expect: 100-continue` itself when it reads the body.
         self._dropped_exact = HOP_BY_HOP_HEADERS | {b"host", b"expect"}
 
@@ -136,10 +143,9 @@ class RequestHeaderPolicy:
     ) -> Headers:
         """Return the headers to send upstream for one request."""
         is_trusted_peer = client_address in self.trusted_proxies
-        dropped_exact = self._dropped_exact | connection_named_headers(headers)
-        dropped_folded = (
-            self._always_dropped_folded if is_trusted_peer else self._always_dropped_folded | self._untrusted_folded
-        )
+        connection_named = connection_named_headers(headers)
+        dropped_exact = self._dropped_exact | connection_named if connection_named else self._dropped_exact
+        dropped_folded = self._always_dropped_folded if is_trusted_peer else self._untrusted_dropped_folded
 
         forwarded: Headers = []
         incoming: dict[bytes, bytes] = {}
@@ -150,7 +156,7 @@ class RequestHeaderPolicy:
                 host = value
             if name in dropped_exact:
                 continue
-            folded = fold_header_name(name)
+            folded = self._fold(name)
             if folded in dropped_folded:
                 continue
             if folded in self._forwarded_folded:
@@ -165,6 +171,17 @@ class RequestHeaderPolicy:
         if api_key is not None and self.forward_api_key:
             forwarded.append((self.key_header, api_key))
         return forwarded
+
+    def _fold(self, name: bytes) -> bytes:
+        # Clients send the same few names again and again. The memo is bounded
+        # because a client can also send long names never seen before.
+        folded = self._folded_names.get(name)
+        if folded is None:
+            folded = fold_header_name(name)
+            is_short = len(name) <= MAX_REMEMBERED_HEADER_NAME_LENGTH
+            if is_short and len(self._folded_names) < MAX_REMEMBERED_HEADER_NAMES:
+                self._folded_names[name] = folded
+        return folded
 
     def _forwarding_headers(
         self, incoming: dict[bytes, bytes], client_address: str | None, scheme: str, host: bytes

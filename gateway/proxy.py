@@ -153,6 +153,11 @@ class UpstreamProxy:
             watcher = DisconnectWatcher(receive, response)
         try:
             async for chunk in response.content.iter_any():
+                if response.content.at_eof():
+                    # The last chunk ends the response in one message: a small body
+                    # costs one send, and granian answers it without streaming.
+                    await send({"type": "http.response.body", "body": chunk})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, TimeoutError) as exc:
             if watcher is not None and watcher.is_client_gone:

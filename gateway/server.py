@@ -1,4 +1,8 @@
-"""Run the ASGI application under uvicorn, in one or several worker processes."""
+"""Run the ASGI application under uvicorn or granian, in one or several worker processes.
+
+uvicorn (with uvloop and httptools) is the default. granian is the faster
+option measured by `bench/run.py`; the README lists what each server accepts.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE_VARIABLE = "GATEWAY_CONFIG_FILE"
 STORE_URI_VARIABLE = "GATEWAY_STORE_URI"
+APP_FACTORY = "gateway.server:create_app"
 
 
 def create_app() -> GatewayApp:
@@ -46,15 +51,23 @@ def run_server(
     port = config.server.port if port is None else port
     workers = workers or config.server.workers
     logger.info(
-        "Serving on http://%s:%d with %d worker(s), upstream %s.",
+        "Serving with %s on http://%s:%d with %d worker(s), upstream %s.",
+        config.server.server,
         host,
         port,
         workers,
         mask_password(config.upstream.url) or "(none)",
     )
 
+    if config.server.server == "granian":
+        _run_granian(config, host, port, workers)
+    else:
+        _run_uvicorn(config, host, port, workers)
+
+
+def _run_uvicorn(config: Config, host: str, port: int, workers: int) -> None:
     uvicorn.run(
-        "gateway.server:create_app",
+        APP_FACTORY,
         factory=True,
         host=host,
         port=port,
@@ -72,3 +85,23 @@ def run_server(
         log_config=None,
         timeout_graceful_shutdown=int(config.server.shutdown_timeout_seconds),
     )
+
+
+def _run_granian(config: Config, host: str, port: int, workers: int) -> None:
+    # Imported here because granian is an optional dependency (the `granian` extra).
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+
+    Granian(
+        APP_FACTORY,
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        # HTTP/1.1 only, as under uvicorn: nginx and load balancers speak it to upstreams.
+        http=HTTPModes.http1,
+        log_access=False,
+        workers_kill_timeout=max(1, int(config.server.shutdown_timeout_seconds)),
+    ).serve()

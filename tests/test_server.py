@@ -1,19 +1,26 @@
-"""`gateway serve --workers 2` as an operator runs it: a subprocess on loopback with the embedded store."""
+"""`gateway serve` as an operator runs it: subprocesses on loopback, under each supported server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from gateway.embedded import free_port
 from tests.conftest import TEST_SECRET
 from tests.support.cli import REPOSITORY_ROOT, run_cli
+from tests.support.servers import ThreadedServer, raw_request
+from tests.support.upstream import EchoUpstream, header_values
 
 START_TIMEOUT_SECONDS = 60.0
 
@@ -86,3 +93,104 @@ def test_serve_two_workers_share_embedded_store(tmp_path: Path) -> None:
     assert [(answer.status_code, answer.headers.get("x-auth-error")) for answer in answers] == [(204, None)] * 10
     assert {answer.headers["x-authenticated-user"] for answer in answers} == {"worker-test"}
     assert child_processes(process.pid) == {}
+
+
+@pytest.fixture
+def h11_upstream() -> Iterator[tuple[EchoUpstream, ThreadedServer]]:
+    # h11 passes any token as a method, so the upstream never decides what the gateway's server let through.
+    app = EchoUpstream()
+    server = ThreadedServer(app, http="h11").start()
+    yield app, server
+    server.stop()
+
+
+@pytest.fixture
+def serve_gateway(mongodb_uri: str, database_name: str) -> Iterator[Callable[[str, str], int]]:
+    """Run `python -m gateway serve` with `server.server` set; return the port it listens on."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def serve(server: str, upstream_url: str) -> int:
+        port = free_port()
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
+        environment |= {
+            "PYTHONPATH": str(REPOSITORY_ROOT),
+            "GATEWAY_SERVER_SERVER": server,
+            "GATEWAY_TOKENS_SECRET": TEST_SECRET,
+            "GATEWAY_STORE_URI": mongodb_uri,
+            "GATEWAY_STORE_DATABASE": database_name,
+            "GATEWAY_UPSTREAM_URL": upstream_url,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
+        return port
+
+    yield serve
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_serve_forwards_authenticated_request(
+    server: str,
+    serve_gateway: Callable[[str, str], int],
+    h11_upstream: tuple[EchoUpstream, ThreadedServer],
+    seed_user: Callable[..., Any],
+    seed_token: Callable[..., Any],
+) -> None:
+    upstream, upstream_server = h11_upstream
+    user_id = seed_user()
+    key, _ = seed_token(user_id)
+    port = serve_gateway(server, upstream_server.url)
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/data?page=2", headers={"X-API-KEY": key})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        seen = json.loads(response.read())
+
+    assert seen["raw_path"] == "/data"
+    assert seen["query_string"] == "page=2"
+    assert header_values(seen, "x-authenticated-user") == [str(user_id)]
+    assert header_values(seen, "x-api-key") == []
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("server", "expected_status", "forwarded_methods"),
+    [
+        # httptools parses only the methods in llhttp's list and answers 400 itself.
+        ("uvicorn", b"400", []),
+        # granian hands any method token to the application.
+        ("granian", b"200", ["BREW"]),
+    ],
+)
+def test_serve_unknown_method(
+    server: str,
+    expected_status: bytes,
+    forwarded_methods: list[str],
+    serve_gateway: Callable[[str, str], int],
+    h11_upstream: tuple[EchoUpstream, ThreadedServer],
+    seed_user: Callable[..., Any],
+    seed_token: Callable[..., Any],
+) -> None:
+    upstream, upstream_server = h11_upstream
+    key, _ = seed_token(seed_user())
+    port = serve_gateway(server, upstream_server.url)
+
+    request = f"BREW /pot HTTP/1.1\r\nHost: gateway\r\nX-API-KEY: {key}\r\nConnection: close\r\n\r\n"
+    response = raw_request(port, request.encode())
+
+    assert response.split(b" ")[1] == expected_status
+    assert [seen["method"] for seen in upstream.requests] == forwarded_methods
