@@ -14,16 +14,25 @@ from typing import Any
 from gateway.auth_request import AuthRequestEndpoint
 from gateway.authenticator import Authenticator, Identity
 from gateway.config import Config
-from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    AuthenticationFailed,
+    AuthFailureReason,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamInterrupted,
+    UpstreamTimeout,
+)
 from gateway.forwarded import client_address, original_method, original_path
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, read_key_header
 from gateway.management import ManagementRoutes
+from gateway.metrics import METRICS_CONTENT_TYPE, GatewayMetrics
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
 from gateway.responses import STORE_UNAVAILABLE_MESSAGE, send_error, send_json, unauthorized_headers
 from gateway.store import TokenStore
 from gateway.token_manager import TokenManager
 from gateway.usage import UsageRecorder
+from gateway.watcher import RevocationWatcher
 
 logger = logging.getLogger(__name__)
 audit_logger = logging.getLogger("gateway.audit")
@@ -39,10 +48,17 @@ class GatewayApp:
 
     def __init__(self, config: Config, event_listeners: Sequence[Any] = ()) -> None:
         self.config = config
+        self.metrics = GatewayMetrics()
         self.store = TokenStore.connect(config.store.uri, config.store, event_listeners)
-        self.authenticator = Authenticator(self.store, config.tokens.secret, config.cache)
+        self.authenticator = Authenticator(self.store, config.tokens.secret, config.cache, metrics=self.metrics)
+        self.watcher: RevocationWatcher | None = None
+        if config.store.watch_changes:
+            self.watcher = RevocationWatcher(self.store.tokens, self.authenticator, self.metrics)
         self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
-        self.upstream = UpstreamProxy(config.upstream) if config.upstream.url else None
+        self.upstream = (
+            UpstreamProxy(config.upstream, self.metrics.upstream_duration.observe) if config.upstream.url else None
+        )
+        self.metrics_readers = TrustedProxies(config.logging.metrics_allowed_networks)
         self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
         self.header_policy = RequestHeaderPolicy(
             config.auth.user_header, config.auth.header, config.upstream.forward_api_key, self.trusted_proxies
@@ -65,6 +81,7 @@ class GatewayApp:
             config.logging.ready_path: self.ready,
             config.auth.auth_request_path: self.auth_request,
             config.management.openapi_path: self.management.serve_openapi,
+            config.logging.metrics_path: self.serve_metrics,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,6 +101,13 @@ class GatewayApp:
             await self.manage(scope, receive, send)
             return
 
+        self.metrics.in_flight.inc()
+        try:
+            await self.authenticate_and_forward(scope, receive, send)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def authenticate_and_forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             identity = await self.identify(scope)
         except AuthenticationFailed as exc:
@@ -107,13 +131,23 @@ class GatewayApp:
         try:
             raw_key = read_key_header(headers, self.key_header)
         except KeyHeaderError:
+            self.metrics.authentications["invalid"].inc()
             raise AuthenticationFailed(AuthFailureReason.INVALID) from None
         if raw_key is None or not raw_key.strip():
             if self.require_key:
+                self.metrics.authentications["missing"].inc()
                 raise AuthenticationFailed(AuthFailureReason.MISSING)
             return None
 
-        identity = await self.authenticator.authenticate(_decode_key(raw_key))
+        try:
+            identity = await self.authenticator.authenticate(_decode_key(raw_key))
+        except AuthenticationFailed as exc:
+            self.metrics.authentications[exc.reason.value].inc()
+            raise
+        except StoreUnavailable:
+            self.metrics.authentications["store_unavailable"].inc()
+            raise
+        self.metrics.authentications["success"].inc()
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
         return identity
 
@@ -136,6 +170,7 @@ class GatewayApp:
         logger.error(
             "Rejected %s %s with 503 because the token store is unavailable: %s", scope["method"], scope["path"], error
         )
+        self.metrics.requests["store_unavailable"].inc()
         await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1")])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
@@ -143,6 +178,7 @@ class GatewayApp:
         audit_logger.info(
             "Authentication failed: reason=%s client=%s method=%s path=%s", reason.value, client, method, path
         )
+        self.metrics.requests["unauthorized"].inc()
         await send_error(send, 401, reason.message, unauthorized_headers(reason, self.config.auth.header))
 
     async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
@@ -150,6 +186,7 @@ class GatewayApp:
         audit_logger.info(
             "Access denied: reason=scope token=%s client=%s method=%s path=%s", identity.token_id, client, method, path
         )
+        self.metrics.requests["forbidden"].inc()
         await send_error(send, 403, FORBIDDEN_MESSAGE)
 
     def describe_request(self, scope: Scope) -> tuple[str, str, str]:
@@ -165,6 +202,7 @@ class GatewayApp:
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, identity: Identity | None) -> None:
         if self.upstream is None:
+            self.metrics.requests["no_upstream"].inc()
             await send_error(send, 404, "Not found: no upstream is configured")
             return
 
@@ -178,12 +216,21 @@ class GatewayApp:
         )
         try:
             await self.upstream.forward(scope, receive, send, headers)
+        except UpstreamInterrupted as exc:
+            # The status line has gone out: only cutting the connection tells the client the body is incomplete.
+            logger.error("Upstream response broke off for %s %s: %s", scope["method"], scope["path"], exc)
+            self.metrics.requests["upstream_interrupted"].inc()
+            raise
         except UpstreamTimeout as exc:
             logger.error("Upstream timed out for %s %s: %s", scope["method"], scope["path"], exc)
+            self.metrics.requests["upstream_timeout"].inc()
             await send_error(send, 504, "The upstream API did not answer in time")
         except UpstreamError as exc:
             logger.error("Upstream failed for %s %s: %s", scope["method"], scope["path"], exc)
+            self.metrics.requests["upstream_unreachable"].inc()
             await send_error(send, 502, "The upstream API is unreachable")
+        else:
+            self.metrics.requests["forwarded"].inc()
 
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
@@ -196,6 +243,18 @@ class GatewayApp:
             await send_json(send, 503, {"status": "unavailable", "message": "The token store is unreachable"})
             return
         await send_json(send, 200, {"status": "ok"})
+
+    async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The TCP peer decides, never a forwarding header: a proxy in front
+        # would otherwise let every client read the metrics.
+        client = scope.get("client")
+        if (client[0] if client else None) not in self.metrics_readers:
+            await send_error(send, 403, "Metrics are only served to the networks in logging.metrics_allowed_networks")
+            return
+        body = self.metrics.render()
+        headers = [(b"content-type", METRICS_CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def reject_websocket(self, scope: Scope, send: Send) -> None:
         # WebSocket upgrades are not proxied: answer 501 where the server lets
@@ -215,9 +274,14 @@ class GatewayApp:
         if self.upstream is not None:
             await self.upstream.start()
         self.usage.start()
+        if self.watcher is not None:
+            self.watcher.start()
         logger.info("The gateway is ready: upstream %s.", self.config.upstream.url or "(none)")
 
     async def shutdown(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.authenticator.rehasher.drain(self.config.store.timeout_seconds)
         await self.usage.stop()
         if self.upstream is not None:
             await self.upstream.close()

@@ -4,6 +4,15 @@ Positive answers stay in a TTL cache for `cache.ttl_seconds`, but never past
 the token's `expires_at`. Negative answers (unknown, revoked, expired,
 inactive owner) stay in a smaller cache for `cache.negative_ttl_seconds`.
 Concurrent misses for one key share a single store query.
+
+Stale-if-error: a positive answer stays for `cache.stale_if_error_seconds`
+past its TTL. Such a stale entry is looked up again like a miss, but when the
+store cannot answer it is served as is, so valid keys keep working through a
+short store outage. Revoked, expired and unknown keys are never in the
+positive cache, so they never benefit.
+
+A key found under an older secret of `tokens.secret` is re-hashed to the
+first secret in the background (see `gateway.rotation`).
 """
 
 from __future__ import annotations
@@ -19,11 +28,18 @@ from typing import Any, NoReturn
 from cachetools import TLRUCache, TTLCache
 
 from gateway.config import CacheConfig
-from gateway.errors import AuthenticationFailed, AuthFailureReason
+from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable
+from gateway.metrics import GatewayMetrics, StoreTimer
+from gateway.rotation import TokenRehasher
 from gateway.store import OWNER_FIELD, TokenStore
 from gateway.tokens import hash_token, is_well_formed_key
 
 logger = logging.getLogger(__name__)
+
+# After a failed lookup, stale entries are served without asking the store
+# again for this many seconds, so that a hung store costs one timeout per
+# interval instead of one per request.
+STORE_RETRY_INTERVAL_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +61,12 @@ class Identity:
         return self.expires_at is not None and now >= self.expires_at
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CachedIdentity:
+    identity: Identity
+    fresh_until: float  # time.monotonic() value after which the entry is stale
+
+
 class Authenticator:
     """Authenticate keys against a `TokenStore` with positive and negative caches."""
 
@@ -54,18 +76,23 @@ class Authenticator:
         secrets: Sequence[str],
         cache_config: CacheConfig,
         clock: Callable[[], float] = time.time,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
         self.secrets = tuple(secrets)
         self.cache_ttl = cache_config.ttl_seconds
+        self.stale_if_error = cache_config.stale_if_error_seconds
         self.clock = clock
+        self.metrics = metrics or GatewayMetrics()
+        self.rehasher = TokenRehasher(store, self.metrics)
         self.check_users = store.users is not None
-        self.positive: TLRUCache[str, Identity] = TLRUCache(cache_config.max_entries, self._positive_ttu)
+        self.positive: TLRUCache[str, _CachedIdentity] = TLRUCache(cache_config.max_entries, self._positive_ttu)
         self.negative: TTLCache[str, AuthFailureReason] = TTLCache(
             cache_config.negative_max_entries, cache_config.negative_ttl_seconds
         )
         self._pending: dict[str, asyncio.Future[Identity]] = {}
         self._evictions = 0
+        self._last_store_failure = -STORE_RETRY_INTERVAL_SECONDS
 
     async def authenticate(self, key: str) -> Identity:
         """Return the identity owning `key`.
@@ -77,21 +104,21 @@ class Authenticator:
             raise AuthenticationFailed(AuthFailureReason.INVALID)
         cache_key = hash_token(self.secrets[0], key)
 
-        identity = self.positive.get(cache_key)
-        if identity is not None:
-            if identity.has_expired(self.clock()):
+        cached = self.positive.get(cache_key)
+        if cached is not None:
+            if cached.identity.has_expired(self.clock()):
                 raise AuthenticationFailed(AuthFailureReason.EXPIRED)
-            return identity
+            if time.monotonic() < cached.fresh_until:
+                self.metrics.cache["hit"].inc()
+                return cached.identity
+            return await self._revalidate(key, cache_key, cached.identity)
         reason = self.negative.get(cache_key)
         if reason is not None:
+            self.metrics.cache["negative_hit"].inc()
             raise AuthenticationFailed(reason)
 
-        pending = self._pending.get(cache_key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._look_up(key, cache_key))
-            self._pending[cache_key] = pending
-            pending.add_done_callback(lambda future: self._finish_lookup(cache_key, future))
-        return await asyncio.shield(pending)
+        self.metrics.cache["miss"].inc()
+        return await self._shared_lookup(key, cache_key)
 
     def evict_token(self, token_id: Any) -> int:
         """Drop every cached answer for the token `token_id`; return how many were dropped.
@@ -100,19 +127,48 @@ class Authenticator:
         100,000 entries takes milliseconds.
         """
         self._evictions += 1
-        stale = [cache_key for cache_key, identity in self.positive.items() if identity.token_id == token_id]
+        stale = [cache_key for cache_key, cached in self.positive.items() if cached.identity.token_id == token_id]
         for cache_key in stale:
             self.positive.pop(cache_key, None)
         return len(stale)
+
+    def forget_failure(self, token_hash: str) -> None:
+        """Drop the negative answer cached for `token_hash`, as when a token with that hash was just created."""
+        self.negative.pop(token_hash, None)
 
     def clear(self) -> None:
         self.positive.clear()
         self.negative.clear()
 
+    async def _revalidate(self, key: str, cache_key: str, stale: Identity) -> Identity:
+        if time.monotonic() - self._last_store_failure < STORE_RETRY_INTERVAL_SECONDS:
+            return self._serve_stale(stale)
+        try:
+            return await self._shared_lookup(key, cache_key)
+        except StoreUnavailable:
+            return self._serve_stale(stale)
+
+    def _serve_stale(self, stale: Identity) -> Identity:
+        self.metrics.cache["stale"].inc()
+        return stale
+
+    async def _shared_lookup(self, key: str, cache_key: str) -> Identity:
+        pending = self._pending.get(cache_key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(key, cache_key))
+            self._pending[cache_key] = pending
+            pending.add_done_callback(lambda future: self._finish_lookup(cache_key, future))
+        return await asyncio.shield(pending)
+
     async def _look_up(self, key: str, cache_key: str) -> Identity:
         hashes = [cache_key] + [hash_token(secret, key) for secret in self.secrets[1:]]
         evictions_before = self._evictions
-        document = await self.store.find_token(hashes)
+        try:
+            with StoreTimer(self.metrics, "find_token"):
+                document = await self.store.find_token(hashes)
+        except StoreUnavailable:
+            self._last_store_failure = time.monotonic()
+            raise
         if document is None:
             self._remember_failure(cache_key, AuthFailureReason.INVALID)
 
@@ -124,7 +180,9 @@ class Authenticator:
         # A document read before an eviction may predate a revocation, so
         # it serves this request but is not cached.
         if self._evictions == evictions_before:
-            self.positive[cache_key] = identity
+            self.positive[cache_key] = _CachedIdentity(identity, time.monotonic() + self.cache_ttl)
+        if document.get("token_hash") != cache_key:
+            self.rehasher.schedule(identity.token_id, document["token_hash"], cache_key)
         return identity
 
     def _failure_reason(self, document: dict[str, Any]) -> AuthFailureReason | None:
@@ -138,6 +196,8 @@ class Authenticator:
         return None
 
     def _remember_failure(self, cache_key: str, reason: AuthFailureReason) -> NoReturn:
+        # A stale positive entry must not outlive a lookup that rejected the key.
+        self.positive.pop(cache_key, None)
         self.negative[cache_key] = reason
         raise AuthenticationFailed(reason)
 
@@ -147,11 +207,12 @@ class Authenticator:
             # Mark the exception as retrieved: every waiter may have gone.
             future.exception()
 
-    def _positive_ttu(self, cache_key: str, identity: Identity, now: float) -> float:
+    def _positive_ttu(self, cache_key: str, cached: _CachedIdentity, now: float) -> float:
         # `now` is cachetools' monotonic clock; expires_at is wall-clock time.
-        ttl = self.cache_ttl
-        if identity.expires_at is not None:
-            ttl = min(ttl, identity.expires_at - self.clock())
+        ttl = self.cache_ttl + self.stale_if_error
+        expires_at = cached.identity.expires_at
+        if expires_at is not None:
+            ttl = min(ttl, expires_at - self.clock())
         return now + ttl
 
 

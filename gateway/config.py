@@ -177,6 +177,7 @@ class LoggingConfig:
     health_path: str = _setting("/healthz", _path)
     ready_path: str = _setting("/readyz", _path)
     metrics_path: str = _setting("/metrics", _path)
+    metrics_allowed_networks: list[str] = _setting(["127.0.0.1/32", "::1/128"], _networks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@
     ├── ClientDisconnected      the client left before sending its whole body
     └── UpstreamError
         ├── UpstreamUnreachable connection refused, reset or DNS failure
-        └── UpstreamTimeout     connect, pool or read timeout
+        ├── UpstreamTimeout     connect, pool or read timeout
+        └── UpstreamInterrupted the upstream failed after the response started
 
 Messages never contain a key, a token hash or a secret.
 """
@@ -101,3 +102,12 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """The upstream did not connect or answer within the configured timeout."""
+
+
+class UpstreamInterrupted(UpstreamError):
+    """The upstream failed after the response had started, so the client connection must be cut.
+
+    Raised out of the ASGI application on purpose: the server then closes
+    the connection, and the client sees a truncated body instead of a
+    complete-looking one.
+    """

@@ -9,15 +9,16 @@ Bodies stream in both directions in chunks; neither is held whole in memory.
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import yarl
 
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import UpstreamInterrupted, UpstreamTimeout, UpstreamUnreachable
 from gateway.headers import Headers, response_headers
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ _BODYLESS_STATUSES = frozenset({204, 304})
 class UpstreamProxy:
     """The upstream API behind the gateway and the connection pool to it."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, observe_latency: Callable[[float], None] = lambda seconds: None) -> None:
         self.config = config
+        self.observe_latency = observe_latency
         parts = urllib.parse.urlsplit(config.url)
         self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.base_path = parts.path.rstrip("/")
@@ -75,12 +77,14 @@ class UpstreamProxy:
         """Send the request upstream and stream the response to `send`.
 
         Raises `UpstreamUnreachable` or `UpstreamTimeout` when no response
-        has started; once it has, a failure is re-raised so that the server
-        cuts the client connection instead of ending the body as if complete.
+        has started; once it has, a failure raises `UpstreamInterrupted`
+        so that the server cuts the client connection instead of ending the
+        body as if complete.
         """
         if self.session is None:
             raise RuntimeError("UpstreamProxy.start() must be awaited before forwarding.")
         body = _request_body(receive) if _has_body(scope["headers"]) else None
+        started = time.perf_counter()
         try:
             response = await self.session.request(
                 scope["method"],
@@ -94,9 +98,13 @@ class UpstreamProxy:
             raise UpstreamTimeout(f"The upstream did not answer in time: {type(exc).__name__}.") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}.") from exc
+        self.observe_latency(time.perf_counter() - started)
 
         async with response:
-            await self._stream_response(scope, response, send)
+            try:
+                await self._stream_response(scope, response, send)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamInterrupted(f"The upstream response broke off: {type(exc).__name__}: {exc}.") from exc
 
     async def _stream_response(self, scope: Scope, response: aiohttp.ClientResponse, send: Send) -> None:
         await send(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import uvicorn
@@ -63,5 +64,6 @@ def run_server(
         server_header=False,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=int(config.server.shutdown_timeout_seconds),
+        # uvicorn takes whole seconds; rounding up never cuts a request early.
+        timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds),
     )
