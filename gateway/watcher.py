@@ -16,7 +16,6 @@ replica set) is reported once, and the TTL stays the bound.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import time
@@ -41,6 +40,7 @@ USAGE_FIELDS = frozenset({"last_used_at", "user_agents"})
 WATCHED_OPERATIONS = ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"]
 INITIAL_BACKOFF_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 5.0
+STOP_TIMEOUT_SECONDS = 5.0
 
 
 class RevocationWatcher:
@@ -69,8 +69,8 @@ class RevocationWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: pymongo 4.20 was seen to swallow a cancellation while the server was down.
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_SECONDS)
             self._task = None
         self.metrics.change_stream_active.set(0)
 

@@ -128,7 +128,8 @@ def test_authenticator_hung_store_503_within_bound(make_config: Any, start_gatew
     silent = TcpServer(never_answer).start()
     try:
         environ = {"GATEWAY_STORE_URI": f"mongodb://127.0.0.1:{silent.port}/?directConnection=true"}
-        gateway = start_gateway(make_config(upstream.url, environ=environ, store__timeout_seconds=STORE_TIMEOUT_SECONDS))
+        config = make_config(upstream.url, environ=environ, store__timeout_seconds=STORE_TIMEOUT_SECONDS)
+        gateway = start_gateway(config)
 
         status, elapsed = get(gateway, "udata_uncached_key")
         ready = httpx.get(f"{gateway.url}/readyz", timeout=30)

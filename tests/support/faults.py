@@ -176,7 +176,7 @@ class GatewayProcess:
         environment = {**os.environ, **environ, "GATEWAY_SERVER_PORT": str(self.port)}
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH")]))
         # A file, not a pipe: a pipe nobody reads would block the gateway once full.
-        self.log_file = tempfile.TemporaryFile()
+        self.log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by running_gateways
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve"],
             env=environment,
