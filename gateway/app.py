@@ -217,7 +217,7 @@ class GatewayApp:
         try:
             await self.upstream.forward(scope, receive, send, headers)
         except UpstreamInterrupted as exc:
-            # The status line has gone out: only cutting the connection tells the client the body is incomplete.
+            # The status line has gone out, so only a cut connection shows the client that the body is incomplete.
             logger.error("Upstream response broke off for %s %s: %s", scope["method"], scope["path"], exc)
             self.metrics.requests["upstream_interrupted"].inc()
             raise

@@ -7,8 +7,8 @@ Concurrent misses for one key share a single store query.
 
 Stale-if-error: a positive answer stays for `cache.stale_if_error_seconds`
 past its TTL. Such a stale entry is looked up again like a miss, but when the
-store cannot answer it is served as is, so valid keys keep working through a
-short store outage. Revoked, expired and unknown keys are never in the
+lookup raises `StoreUnavailable` it is served as is, so valid keys keep
+working through a short store outage. Revoked, expired and unknown keys are never in the
 positive cache, so they never benefit.
 
 A key found under an older secret of `tokens.secret` is re-hashed to the

@@ -39,9 +39,9 @@ AUTHENTICATION_RESULTS = (
     "store_unavailable",
 )
 # `gateway_cache_lookups_total` results. `stale` is a cached key served past
-# its TTL because the store could not answer (stale-if-error).
+# its TTL because the store lookup failed (stale-if-error).
 CACHE_RESULTS = ("hit", "negative_hit", "miss", "stale")
-STORE_OPERATIONS = ("find_token", "record_usage", "rehash_token")
+STORE_OPERATIONS = ("find_token", "rehash_token")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REVOCATION_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

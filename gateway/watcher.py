@@ -1,7 +1,7 @@
 """Evict changed tokens from the cache as soon as the store reports the change.
 
 A change stream on the token collection reports every update, replacement
-and deletion; the token's cached answers are dropped at once, so a
+and deletion, and the token's cache entries are dropped at once. So a
 revocation made through any process, or directly in the database, is
 refused here within the stream's delivery time instead of `cache.ttl_seconds`.
 Inserts drop the negative answer cached for the new hash, so a token created
@@ -123,7 +123,7 @@ class RevocationWatcher:
                     exc.code,
                 )
         stream = await self.tokens.watch(pipeline)
-        # Answers cached before the stream started may have missed a change.
+        # Entries cached before the stream started may have missed a change.
         self.authenticator.clear()
         self.resume_token = stream.resume_token
         logger.info("Watching %s for token changes: revocations evict cached tokens at once.", self.tokens.name)

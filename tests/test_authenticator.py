@@ -89,7 +89,7 @@ def test_authenticator_stale_key_served_while_store_stopped(
     valid_status, _ = get(gateway, valid)
     revoked_status, _ = get(gateway, revoked)
     unknown_status, unknown_elapsed = get(gateway, "udata_never_issued")
-    # An expired key leaves the cache at its expiry, so the store is asked and cannot answer.
+    # An expired key leaves the cache at its expiry, so the store is queried and the lookup fails.
     expired_status = wait_until_rejected(gateway, expiring)
 
     assert valid_status == 200

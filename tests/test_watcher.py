@@ -240,3 +240,19 @@ def test_watcher_two_gateways_without_streams_ttl_bound(
         elapsed = seconds_until_rejected(second.url, plaintext)
 
     assert elapsed < 1.0 + 2.0
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ({"updatedFields": {"last_used_at": now()}}, True),  # the usage flush
+        ({"updatedFields": {"user_agents.3": "curl/8"}}, True),  # $addToSet reported per element
+        ({"updatedFields": {"last_used_at": now(), "revoked_at": now()}}, False),  # usage and a revocation at once
+        ({"updatedFields": {}, "removedFields": ["expires_at"]}, False),  # expiry removed
+        ({}, False),  # no description: treated as a real change
+    ],
+)
+def test_watcher_usage_only_updates_recognised(description: dict[str, Any], expected: bool) -> None:
+    from gateway.watcher import _touches_usage_only
+
+    assert _touches_usage_only(description) is expected

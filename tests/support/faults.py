@@ -147,7 +147,7 @@ class Relay:
 
 
 async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answer 200 with a 100,000-byte Content-Length, send 1,000 bytes, then reset the connection."""
+    """Respond 200 with a 100,000-byte Content-Length, send 1,000 bytes, then reset the connection."""
     await reader.readuntil(b"\r\n\r\n")
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 1000)
     await writer.drain()
