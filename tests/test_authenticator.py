@@ -134,6 +134,7 @@ def test_authenticator_hung_store_503_within_bound(make_config: Any, start_gatew
         status, elapsed = get(gateway, "udata_uncached_key")
         ready = httpx.get(f"{gateway.url}/readyz", timeout=30)
         health = httpx.get(f"{gateway.url}/healthz", timeout=30)
+        gateway.server.stop()
     finally:
         silent.stop()
 

@@ -167,10 +167,10 @@ def test_watcher_unsupported_store_falls_back_to_ttl(
     caplog.set_level(logging.INFO, logger="gateway.watcher")
     standalone = StoreProcess(tmp_path / "standalone", None, "--standalone").start()
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(standalone.uri, timeoutMS=10_000)
+    _, upstream = echo_upstream
+    environ = {"GATEWAY_STORE_URI": standalone.uri}
+    gateway = start_gateway(make_config(upstream.url, environ=environ, cache__ttl_seconds=1.0))
     try:
-        _, upstream = echo_upstream
-        environ = {"GATEWAY_STORE_URI": standalone.uri}
-        gateway = start_gateway(make_config(upstream.url, environ=environ, cache__ttl_seconds=1.0))
         tokens = client[database_name].api_token
         user = client[database_name].user.insert_one({"active": True}).inserted_id
         plaintext = "udata_" + "s" * 64
@@ -182,6 +182,8 @@ def test_watcher_unsupported_store_falls_back_to_ttl(
         right_after = status_of(gateway.url, plaintext)
         elapsed = seconds_until_rejected(gateway.url, plaintext)
     finally:
+        # The gateway stops first, so its client never outlives its store.
+        gateway.server.stop()
         client.close()
         standalone.stop()
 

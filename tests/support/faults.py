@@ -111,6 +111,13 @@ class TcpServer:
                 self._server.close()
             for writer in self._writers:
                 writer.close()
+            # Cancel the handlers (a relay holds a second socket each), then
+            # give the transports one more loop turn to close their sockets.
+            handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+            await asyncio.sleep(0.05)
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
