@@ -15,17 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.faults import Relay, StoreProcess, TcpServer, collecting_leaked_driver_sockets, never_answer
+from tests.support.faults import Relay, StoreProcess, TcpServer, never_answer
+
+pytestmark = pytest.mark.restarts_store
 
 STORE_TIMEOUT_SECONDS = 1.0
 # A 503 must come within the store timeout; the margin absorbs a loaded test machine.
 BOUND_SECONDS = STORE_TIMEOUT_SECONDS + 2.0
-
-
-@pytest.fixture(autouse=True)
-def leaked_driver_sockets() -> Iterator[None]:
-    with collecting_leaked_driver_sockets():
-        yield
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TEST_SECRET
-from tests.support.faults import StoreProcess, collecting_leaked_driver_sockets, running_gateways
+from tests.support.faults import StoreProcess, running_gateways
+
+pytestmark = pytest.mark.restarts_store
 
 # The documented bound with change streams. Measured on loopback, the lag is
 # a few milliseconds; the rest is headroom for a loaded test machine.
@@ -111,12 +113,6 @@ def test_watcher_created_token_clears_negative_answer(proxy: Any, seed_user: Any
     seed_token(seed_user(), plaintext=plaintext)
 
     wait_until(lambda: status_of(proxy.url, plaintext) == 200, timeout=WATCH_BOUND_SECONDS * 5)
-
-
-@pytest.fixture(autouse=True)
-def leaked_driver_sockets() -> Iterator[None]:
-    with collecting_leaked_driver_sockets():
-        yield
 
 
 @pytest.fixture

@@ -246,8 +246,9 @@ def collecting_leaked_driver_sockets() -> Iterator[None]:
     NOTE: pymongo 4.20's async client was seen to leave one monitor socket
     unclosed (allocated in pymongo/asynchronous/monitor.py, found with
     PYTHONTRACEMALLOC) after its server stopped and came back. Collected
-    later, that socket warns inside an unrelated test; collecting it here
-    keeps the warning with the test that caused it, and silent.
+    later, that socket fails an unrelated test with a ResourceWarning, so the
+    tests marked `restarts_store` collect it themselves, right after their
+    fixtures are released.
     """
     try:
         yield
