@@ -23,22 +23,11 @@ from gateway.app import GatewayApp
 from gateway.config import Config, load_config
 from gateway.embedded import EmbeddedStore
 from gateway.tokens import display_prefix, generate_token, hash_token
-from tests.support.faults import collecting_leaked_driver_sockets
 from tests.support.servers import ThreadedServer
 from tests.support.upstream import EchoUpstream
 
 TEST_SECRET = "test-secret-0123456789-abcdefghij"
 TEST_MONGODB_URI_VARIABLE = "GATEWAY_TEST_MONGODB_URI"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    # After the whole protocol, the test's fixtures are released and their garbage can be collected.
-    if item.get_closest_marker("restarts_store") is None:
-        yield
-        return
-    with collecting_leaked_driver_sockets():
-        yield
 
 
 @pytest.fixture(scope="session")

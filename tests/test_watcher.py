@@ -16,8 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import TEST_SECRET
 from tests.support.faults import StoreProcess, running_gateways
 
-pytestmark = pytest.mark.restarts_store
-
 # The documented bound with change streams. Measured on loopback, the lag is
 # a few milliseconds; the rest is headroom for a loaded test machine.
 WATCH_BOUND_SECONDS = 1.0

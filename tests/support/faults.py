@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import shutil
 import signal
@@ -18,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -237,22 +235,3 @@ def running_gateways(*environs: dict[str, str]) -> Iterator[list[GatewayProcess]
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     gateway.terminate()
             gateway.log_file.close()
-
-
-@contextlib.contextmanager
-def collecting_leaked_driver_sockets() -> Iterator[None]:
-    """Collect garbage after the block with ResourceWarning ignored.
-
-    NOTE: pymongo 4.20's async client was seen to leave one monitor socket
-    unclosed (allocated in pymongo/asynchronous/monitor.py, found with
-    PYTHONTRACEMALLOC) after its server stopped and came back. Collected
-    later, that socket fails an unrelated test with a ResourceWarning, so the
-    tests marked `restarts_store` collect it themselves, right after their
-    fixtures are released.
-    """
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
