@@ -31,6 +31,7 @@ from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies,
 from gateway.legacy_keys import LegacyKeyStore
 from gateway.limiter import FailedLookupLimiter
 from gateway.management import ManagementRoutes
+from gateway.metrics import METRICS_CONTENT_TYPE, GatewayMetrics
 from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
 from gateway.proxy import UpstreamProxy
 from gateway.responses import (
@@ -43,6 +44,7 @@ from gateway.responses import (
 from gateway.store import TokenStore
 from gateway.token_manager import TokenManager
 from gateway.usage import UsageRecorder
+from gateway.watcher import RevocationWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class GatewayApp:
 
     def __init__(self, config: Config, event_listeners: Sequence[Any] = ()) -> None:
         self.config = config
+        self.metrics = GatewayMetrics()
         self.store = TokenStore.connect(config.store.uri, config.store, event_listeners)
         self.legacy_keys = _legacy_key_store(config, self.store)
         self.failed_lookups = FailedLookupLimiter(
@@ -72,11 +75,18 @@ class GatewayApp:
             config.cache,
             legacy_keys=self.legacy_keys,
             failed_lookups=self.failed_lookups,
+            metrics=self.metrics,
         )
+        self.watcher: RevocationWatcher | None = None
+        if config.store.watch_changes:
+            self.watcher = RevocationWatcher(self.store.tokens, self.authenticator, self.metrics)
         self.access_log = AccessLog(config.logging)
         self.audit = AuditLog(config.logging.audit_log)
         self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
-        self.upstream = UpstreamProxy(config.upstream) if config.upstream.url else None
+        self.upstream = (
+            UpstreamProxy(config.upstream, self.metrics.upstream_duration.observe) if config.upstream.url else None
+        )
+        self.metrics_readers = TrustedProxies(config.logging.metrics_allowed_networks)
         self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
         self.header_policy = RequestHeaderPolicy(
             config.auth.user_header, config.auth.header, config.upstream.forward_api_key, self.trusted_proxies
@@ -99,6 +109,7 @@ class GatewayApp:
             config.logging.ready_path: self.ready,
             config.auth.auth_request_path: self.auth_request,
             config.management.openapi_path: self.management.serve_openapi,
+            config.logging.metrics_path: self.serve_metrics,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,6 +149,13 @@ class GatewayApp:
             await send_error(send, 400, "Invalid path: management routes take their canonical path")
             return
 
+        self.metrics.in_flight.inc()
+        try:
+            await self.authenticate_and_forward(scope, receive, send)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def authenticate_and_forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             identity = await self.identify(scope)
         except AuthenticationFailed as exc:
@@ -161,19 +179,26 @@ class GatewayApp:
         try:
             raw_key = read_key_header(headers, self.key_header)
         except KeyHeaderError:
+            self.metrics.authentications["invalid"].inc()
             raise AuthenticationFailed(AuthFailureReason.INVALID) from None
         if raw_key is None or not raw_key.strip():
             if self.require_key:
+                self.metrics.authentications["missing"].inc()
                 raise AuthenticationFailed(AuthFailureReason.MISSING)
             return None
 
         record = _record(scope)
         try:
             identity = await self.authenticator.authenticate(_decode_key(raw_key), record.client)
+        except AuthenticationFailed as exc:
+            self.metrics.authentications[exc.reason.value].inc()
+            raise
         except StoreUnavailable:
+            self.metrics.authentications["store_unavailable"].inc()
             # Audited here, so that the auth_request endpoint's store failures are audited too.
             self.audit.write(AuditOutcome.STORE_UNAVAILABLE, record.request_id, self.describe_request(scope))
             raise
+        self.metrics.authentications["success"].inc()
         record.identity = identity
         self.audit.write(AuditOutcome.SUCCESS, record.request_id, self.describe_request(scope), identity)
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
@@ -203,6 +228,7 @@ class GatewayApp:
             error,
             record.request_id.decode(),
         )
+        self.metrics.requests["store_unavailable"].inc()
         await send_error(send, 503, STORE_UNAVAILABLE_MESSAGE, [(b"retry-after", b"1"), *_closing_headers(scope)])
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
@@ -212,10 +238,12 @@ class GatewayApp:
         if reason is AuthFailureReason.THROTTLED and record.client is not None:
             retry_after = math.ceil(self.failed_lookups.retry_after(record.client))
             headers.append((b"retry-after", str(max(1, retry_after)).encode()))
+        self.metrics.requests["unauthorized"].inc()
         await send_error(send, 401, reason.message, headers)
 
     async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
         self.audit.write(AuditOutcome.FORBIDDEN, _record(scope).request_id, self.describe_request(scope), identity)
+        self.metrics.requests["forbidden"].inc()
         await send_error(send, 403, FORBIDDEN_MESSAGE, _closing_headers(scope))
 
     def describe_request(self, scope: Scope) -> tuple[str, str, str]:
@@ -231,6 +259,7 @@ class GatewayApp:
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, identity: Identity | None) -> None:
         if self.upstream is None:
+            self.metrics.requests["no_upstream"].inc()
             await send_error(send, 404, "Not found: no upstream is configured", _closing_headers(scope))
             return
         if not scope["path"].startswith("/"):
@@ -254,7 +283,7 @@ class GatewayApp:
         headers = self.access_log.upstream_headers(headers, record)
         record.start_upstream()
         try:
-            await self.upstream.forward(scope, receive, send, headers)
+            is_complete = await self.upstream.forward(scope, receive, send, headers)
         except ClientDisconnected:
             logger.info("The client of %s %s disconnected while sending its body.", scope["method"], record.path)
         except UpstreamTimeout as exc:
@@ -265,6 +294,7 @@ class GatewayApp:
                 exc,
                 record.request_id.decode(),
             )
+            self.metrics.requests["upstream_timeout"].inc()
             await send_error(send, 504, "The upstream API did not answer in time", _closing_headers(scope))
         except UpstreamError as exc:
             logger.error(
@@ -274,7 +304,10 @@ class GatewayApp:
                 exc,
                 record.request_id.decode(),
             )
+            self.metrics.requests["upstream_unreachable"].inc()
             await send_error(send, 502, "The upstream API is unreachable", _closing_headers(scope))
+        else:
+            self.metrics.requests["forwarded" if is_complete else "upstream_interrupted"].inc()
 
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
@@ -287,6 +320,18 @@ class GatewayApp:
             await send_json(send, 503, {"status": "unavailable", "message": "The token store is unreachable"})
             return
         await send_json(send, 200, {"status": "ok"})
+
+    async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The TCP peer decides, never a forwarding header: a proxy in front
+        # would otherwise let every client read the metrics.
+        client = scope.get("client")
+        if (client[0] if client else None) not in self.metrics_readers:
+            await send_error(send, 403, "Metrics are only served to the networks in logging.metrics_allowed_networks")
+            return
+        body = self.metrics.render()
+        headers = [(b"content-type", METRICS_CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def reject_websocket(self, scope: Scope, send: Send) -> None:
         # WebSocket upgrades are not proxied. The gateway sends 501 where the
@@ -309,9 +354,14 @@ class GatewayApp:
         if self.upstream is not None:
             await self.upstream.start()
         self.usage.start()
+        if self.watcher is not None:
+            self.watcher.start()
         logger.info("The gateway is ready: upstream %s.", mask_password(self.config.upstream.url) or "(none)")
 
     async def shutdown(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.authenticator.rehasher.drain(self.config.store.timeout_seconds)
         await self.usage.stop()
         if self.upstream is not None:
             await self.upstream.close()

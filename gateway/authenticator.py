@@ -6,6 +6,15 @@ inactive owner) stay in a smaller cache for `cache.negative_ttl_seconds`.
 Concurrent misses for one key share a single store query. During a migration
 from plaintext keys, a key missing from `api_token` is looked up in the
 users' legacy field and, when exactly one user holds it, migrated on the spot.
+
+Stale-if-error: a positive answer stays for `cache.stale_if_error_seconds`
+past its TTL. Such a stale entry is looked up again like a miss, but when the
+lookup raises `StoreUnavailable` it is served as is, so valid keys keep
+working through a short store outage. Revoked, expired and unknown keys are never in the
+positive cache, so they never benefit.
+
+A key found under an older secret of `tokens.secret` is re-hashed to the
+first secret in the background (see `gateway.rotation`).
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ from cachetools import TLRUCache, TTLCache
 from pymongo.errors import DuplicateKeyError
 
 from gateway.config import CacheConfig
-from gateway.errors import AuthenticationFailed, AuthFailureReason
+from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable
 from gateway.legacy_keys import LegacyKeyStore, migrated_token
 from gateway.limiter import FailedLookupLimiter
+from gateway.metrics import GatewayMetrics, StoreTimer
+from gateway.rotation import TokenRehasher
 from gateway.store import OWNER_FIELD, TokenStore, is_usable_user_id
 from gateway.tokens import hash_token, is_well_formed_key, token_hasher
 
@@ -33,6 +44,11 @@ logger = logging.getLogger(__name__)
 # Shared by every cached identity without User-Agents: an empty frozenset
 # takes 216 bytes, about a quarter of a cache entry (bench/cache_memory.py).
 NO_USER_AGENTS: frozenset[str] = frozenset()
+
+# After a failed lookup, stale entries are served without asking the store
+# again for this many seconds, so that a hung store costs one timeout per
+# interval instead of one per request.
+STORE_RETRY_INTERVAL_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,6 +70,12 @@ class Identity:
         return self.expires_at is not None and now >= self.expires_at
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CachedIdentity:
+    identity: Identity
+    fresh_until: float  # time.monotonic() value after which the entry is stale
+
+
 class Authenticator:
     """Authenticate keys against a `TokenStore` with positive and negative caches.
 
@@ -68,6 +90,7 @@ class Authenticator:
         clock: Callable[[], float] = time.time,
         legacy_keys: LegacyKeyStore | None = None,
         failed_lookups: FailedLookupLimiter | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
         self.legacy_keys = legacy_keys
@@ -75,14 +98,18 @@ class Authenticator:
         self.secrets = tuple(secrets)
         self._hash_with_first_secret = token_hasher(self.secrets[0])
         self.cache_ttl = cache_config.ttl_seconds
+        self.stale_if_error = cache_config.stale_if_error_seconds
         self.clock = clock
+        self.metrics = metrics or GatewayMetrics()
+        self.rehasher = TokenRehasher(store, self.metrics)
         self.check_users = store.users is not None
-        self.positive: TLRUCache[str, Identity] = TLRUCache(cache_config.max_entries, self._positive_ttu)
+        self.positive: TLRUCache[str, _CachedIdentity] = TLRUCache(cache_config.max_entries, self._positive_ttu)
         self.negative: TTLCache[str, AuthFailureReason] = TTLCache(
             cache_config.negative_max_entries, cache_config.negative_ttl_seconds
         )
         self._pending: dict[str, asyncio.Future[Identity]] = {}
         self._evictions = 0
+        self._last_store_failure = -STORE_RETRY_INTERVAL_SECONDS
 
     async def authenticate(self, key: str, client: str | None = None) -> Identity:
         """Return the identity owning `key`, sent by the client at address `client`.
@@ -96,26 +123,26 @@ class Authenticator:
             raise AuthenticationFailed(AuthFailureReason.INVALID)
         cache_key = self._hash_with_first_secret(key)
 
-        identity = self.positive.get(cache_key)
-        if identity is not None:
-            if identity.has_expired(self.clock()):
+        cached = self.positive.get(cache_key)
+        if cached is not None:
+            if cached.identity.has_expired(self.clock()):
                 raise AuthenticationFailed(AuthFailureReason.EXPIRED)
-            return identity
+            if time.monotonic() < cached.fresh_until:
+                self.metrics.cache["hit"].inc()
+                return cached.identity
+            return await self._revalidate(key, cache_key, cached.identity)
         reason = self.negative.get(cache_key)
         if reason is not None:
+            self.metrics.cache["negative_hit"].inc()
             raise AuthenticationFailed(reason)
 
         limiter = self.failed_lookups
         if client is not None and limiter is not None and not limiter.allows(client):
             raise AuthenticationFailed(AuthFailureReason.THROTTLED)
 
-        pending = self._pending.get(cache_key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._look_up(key, cache_key))
-            self._pending[cache_key] = pending
-            pending.add_done_callback(lambda future: self._finish_lookup(cache_key, future))
+        self.metrics.cache["miss"].inc()
         try:
-            return await asyncio.shield(pending)
+            return await self._shared_lookup(key, cache_key)
         except AuthenticationFailed:
             if client is not None and limiter is not None:
                 limiter.charge(client)
@@ -128,21 +155,50 @@ class Authenticator:
         100,000 entries takes milliseconds.
         """
         self._evictions += 1
-        stale = [cache_key for cache_key, identity in self.positive.items() if identity.token_id == token_id]
+        stale = [cache_key for cache_key, cached in self.positive.items() if cached.identity.token_id == token_id]
         for cache_key in stale:
             self.positive.pop(cache_key, None)
         return len(stale)
+
+    def forget_failure(self, token_hash: str) -> None:
+        """Drop the negative answer cached for `token_hash`, as when a token with that hash was just created."""
+        self.negative.pop(token_hash, None)
 
     def clear(self) -> None:
         self.positive.clear()
         self.negative.clear()
 
+    async def _revalidate(self, key: str, cache_key: str, stale: Identity) -> Identity:
+        if time.monotonic() - self._last_store_failure < STORE_RETRY_INTERVAL_SECONDS:
+            return self._serve_stale(stale)
+        try:
+            return await self._shared_lookup(key, cache_key)
+        except StoreUnavailable:
+            return self._serve_stale(stale)
+
+    def _serve_stale(self, stale: Identity) -> Identity:
+        self.metrics.cache["stale"].inc()
+        return stale
+
+    async def _shared_lookup(self, key: str, cache_key: str) -> Identity:
+        pending = self._pending.get(cache_key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(key, cache_key))
+            self._pending[cache_key] = pending
+            pending.add_done_callback(lambda future: self._finish_lookup(cache_key, future))
+        return await asyncio.shield(pending)
+
     async def _look_up(self, key: str, cache_key: str) -> Identity:
         hashes = [cache_key] + [hash_token(secret, key) for secret in self.secrets[1:]]
         evictions_before = self._evictions
-        document = await self.store.find_token(hashes)
-        if document is None and self.legacy_keys is not None:
-            document = await self._migrate_legacy_key(key, hashes, self.legacy_keys)
+        try:
+            with StoreTimer(self.metrics, "find_token"):
+                document = await self.store.find_token(hashes)
+            if document is None and self.legacy_keys is not None:
+                document = await self._migrate_legacy_key(key, hashes, self.legacy_keys)
+        except StoreUnavailable:
+            self._last_store_failure = time.monotonic()
+            raise
         if document is None:
             self._remember_failure(cache_key, AuthFailureReason.INVALID)
 
@@ -154,7 +210,9 @@ class Authenticator:
         # A document read before an eviction may predate a revocation, so
         # it serves this request but is not cached.
         if self._evictions == evictions_before:
-            self.positive[cache_key] = identity
+            self.positive[cache_key] = _CachedIdentity(identity, time.monotonic() + self.cache_ttl)
+        if document.get("token_hash") != cache_key:
+            self.rehasher.schedule(identity.token_id, document["token_hash"], cache_key)
         return identity
 
     async def _migrate_legacy_key(
@@ -200,6 +258,8 @@ class Authenticator:
         return None
 
     def _remember_failure(self, cache_key: str, reason: AuthFailureReason) -> NoReturn:
+        # A stale positive entry must not outlive a lookup that rejected the key.
+        self.positive.pop(cache_key, None)
         self.negative[cache_key] = reason
         raise AuthenticationFailed(reason)
 
@@ -209,11 +269,12 @@ class Authenticator:
             # Mark the exception as retrieved: every waiter may have gone.
             future.exception()
 
-    def _positive_ttu(self, cache_key: str, identity: Identity, now: float) -> float:
+    def _positive_ttu(self, cache_key: str, cached: _CachedIdentity, now: float) -> float:
         # `now` is cachetools' monotonic clock; expires_at is wall-clock time.
-        ttl = self.cache_ttl
-        if identity.expires_at is not None:
-            ttl = min(ttl, identity.expires_at - self.clock())
+        ttl = self.cache_ttl + self.stale_if_error
+        expires_at = cached.identity.expires_at
+        if expires_at is not None:
+            ttl = min(ttl, expires_at - self.clock())
         return now + ttl
 
 

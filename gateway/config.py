@@ -198,6 +198,7 @@ class LoggingConfig:
     access_log: bool = _setting(True)
     audit_log: bool = _setting(True)
     request_id_header: str = _setting("X-Request-ID", _header_name)
+    metrics_allowed_networks: list[str] = _setting(["127.0.0.1/32", "::1/128"], _networks)
 
 
 @dataclasses.dataclass(frozen=True)

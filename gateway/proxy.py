@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -34,8 +35,10 @@ _BODYLESS_STATUSES = frozenset({204, 304})
 class UpstreamProxy:
     """The upstream API behind the gateway and the connection pool to it."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, observe_latency: Callable[[float], None] = lambda seconds: None) -> None:
         self.config = config
+        # Called with the seconds from sending the request to the response headers.
+        self.observe_latency = observe_latency
         parts = urllib.parse.urlsplit(config.url)
         self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.base_path = parts.path.rstrip("/")
@@ -76,26 +79,29 @@ class UpstreamProxy:
             target += "?" + _ascii(query)
         return yarl.URL(self.base_url + target, encoded=True)
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+    async def forward(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> bool:
         """Send the request upstream and stream the response to `send`.
 
-        Raises `UpstreamUnreachable` or `UpstreamTimeout` when no response
-        has started, and `ClientDisconnected` when the client left while
-        sending its body. Once the response has started, a failure is
-        logged and the response is left incomplete, so that the server closes
-        the client connection instead of ending the body as if complete.
+        Returns True when the whole response was sent. Raises
+        `UpstreamUnreachable` or `UpstreamTimeout` when no response has
+        started, and `ClientDisconnected` when the client left while sending
+        its body. Once the response has started, a failure is logged and the
+        response is left incomplete (False), so that the server closes the
+        client connection instead of ending the body as if complete.
         """
         body = RequestBody(receive) if _has_body(scope["headers"]) else None
         # NOTE: a client that leaves before the upstream's response headers
         # arrive is noticed only once they do, at most `read_timeout_seconds` later.
+        started = time.perf_counter()
         response = await self._send_request(scope, headers, body)
+        self.observe_latency(time.perf_counter() - started)
         async with response:
             await self._send_response_head(scope, response, send)
             if scope["method"] == "HEAD" or response.status in _BODYLESS_STATUSES:
                 await send({"type": "http.response.body", "body": b""})
-                return
+                return True
             self._extend_read_timeout(response)
-            await self._stream_response_body(scope, response, receive, send, body)
+            return await self._stream_response_body(scope, response, receive, send, body)
 
     async def _send_request(self, scope: Scope, headers: Headers, body: RequestBody | None) -> aiohttp.ClientResponse:
         if self.session is None:
@@ -142,7 +148,7 @@ class UpstreamProxy:
 
     async def _stream_response_body(
         self, scope: Scope, response: aiohttp.ClientResponse, receive: Receive, send: Send, body: RequestBody | None
-    ) -> None:
+    ) -> bool:
         # A body that arrived with the headers is sent at once, so only a
         # body still on its way needs a watcher (one task per such request).
         # Measured on loopback with a two-write upstream response, 10
@@ -157,7 +163,7 @@ class UpstreamProxy:
                     # The last chunk ends the response in one message: a small body
                     # costs one send, and granian answers it without streaming.
                     await send({"type": "http.response.body", "body": chunk})
-                    return
+                    return True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, TimeoutError) as exc:
             if watcher is not None and watcher.is_client_gone:
@@ -170,11 +176,12 @@ class UpstreamProxy:
                     *_request_line(scope),
                     exc,
                 )
-            return
+            return False
         finally:
             if watcher is not None:
                 watcher.stop()
         await send({"type": "http.response.body", "body": b""})
+        return True
 
 
 class RequestBody:

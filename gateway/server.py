@@ -7,6 +7,7 @@ option measured by `bench/run.py`; the README lists what each server accepts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import uvicorn
@@ -83,7 +84,8 @@ def _run_uvicorn(config: Config, host: str, port: int, workers: int) -> None:
         date_header=False,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=int(config.server.shutdown_timeout_seconds),
+        # uvicorn takes whole seconds; rounding up never cuts a request early.
+        timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds),
     )
 
 

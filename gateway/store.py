@@ -158,6 +158,24 @@ class TokenStore:
         except PyMongoError as exc:
             raise StoreUnavailable(f"Reading the token failed: {type(exc).__name__}.") from exc
 
+    async def replace_token_hash(self, token_id: Any, old_hash: str, new_hash: str) -> bool:
+        """Set the hash of token `token_id` to `new_hash` if it is still `old_hash`; return whether it changed.
+
+        The condition on the old hash makes concurrent rotations by several
+        processes safe: one write wins, the others match nothing. Raises
+        `DuplicateKeyError` when `new_hash` belongs to another token, and
+        `StoreUnavailable` for any other failure.
+        """
+        try:
+            result = await self.tokens.update_one(
+                {"_id": token_id, "token_hash": old_hash}, {"$set": {"token_hash": new_hash}}
+            )
+        except DuplicateKeyError:
+            raise
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"Re-hashing token {token_id} failed: {type(exc).__name__}.") from exc
+        return result.modified_count == 1
+
     async def record_usage(self, records: Iterable[tuple[Any, datetime.datetime, Iterable[str]]]) -> None:
         """Write usage records `(token_id, last_used_at, user_agents)` in one bulk write.
 

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Longer User-Agent values are cut: some clients send kilobytes of them.
 MAX_USER_AGENT_LENGTH = 512
+# How long `stop()` waits for a flush in progress, beyond one flush interval.
+STOP_GRACE_SECONDS = 5.0
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class UsageRecorder:
         self.flush_interval = flush_interval
         self._pending: dict[Any, _Usage] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def record(self, token_id: Any, user_agent: str | None, known_user_agents: frozenset[str]) -> None:
         """Note one successful use of `token_id` now; never blocks, never raises."""
@@ -58,11 +61,16 @@ class UsageRecorder:
         self._task = asyncio.create_task(self._run(), name="usage-recorder")
 
     async def stop(self) -> None:
-        """Stop the background task and write every pending record."""
+        """Stop the background task and write every pending record.
+
+        The task is asked to stop rather than cancelled: a flush cut by a
+        cancellation would drop its batch, and pymongo 4.20's async
+        `bulk_write` was seen to swallow a cancellation while the server was
+        down, which left `stop()` waiting forever.
+        """
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            await asyncio.wait({self._task}, timeout=self.flush_interval + STOP_GRACE_SECONDS)
             self._task = None
         await self.flush()
 
@@ -88,6 +96,7 @@ class UsageRecorder:
         newer.user_agents |= usage.user_agents
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
             await self.flush()

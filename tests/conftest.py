@@ -88,6 +88,8 @@ class CommandCounter(monitoring.CommandListener):
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         collection = event.command.get(event.command_name)
+        if _opens_change_stream(event.command):
+            return
         self.commands.append((event.command_name, collection if isinstance(collection, str) else ""))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
@@ -100,6 +102,11 @@ class CommandCounter(monitoring.CommandListener):
         return sum(
             1 for name, collection in self.commands if name in ("aggregate", "find") and collection == "api_token"
         )
+
+
+def _opens_change_stream(command: Any) -> bool:
+    pipeline = command.get("pipeline") if command.get("aggregate") is not None else None
+    return bool(pipeline) and "$changeStream" in pipeline[0]
 
 
 @dataclasses.dataclass

@@ -39,7 +39,18 @@ class ThreadedServer:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve())
+        self._cancel_remaining_tasks()
         self.loop.close()
+
+    def _cancel_remaining_tasks(self) -> None:
+        # As asyncio.run() does: tasks still running (a driver's monitor in
+        # the middle of a connection attempt) get to close their sockets.
+        assert self.loop is not None
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
 
     def start(self) -> ThreadedServer:
         self.thread.start()

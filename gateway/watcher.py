@@ -1,0 +1,200 @@
+"""Evict changed tokens from the cache as soon as the store reports the change.
+
+A change stream on the token collection reports every update, replacement
+and deletion, and the token's cache entries are dropped at once. So a
+revocation made through any process, or directly in the database, is
+refused here within the stream's delivery time instead of `cache.ttl_seconds`.
+Inserts drop the negative answer cached for the new hash, so a token created
+elsewhere works here at once.
+
+When the stream fails, the watcher resumes after the last event it saw,
+retrying with exponential backoff; while it is down, the cache TTL bounds
+revocations. A store without change streams (a MongoDB server that is not a
+replica set) is reported once, and the TTL stays the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import OperationFailure, PyMongoError
+
+from gateway.authenticator import Authenticator
+from gateway.metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+# Server error codes meaning "this deployment has no change streams":
+# 40573 (only supported on replica sets), 40324 (unknown pipeline stage),
+# 115 (CommandNotSupported).
+UNSUPPORTED_CODES = frozenset({40573, 40324, 115})
+# Fields the gateway itself writes on every use; a change to them alone
+# changes nothing about whether the token authenticates.
+USAGE_FIELDS = frozenset({"last_used_at", "user_agents"})
+WATCHED_OPERATIONS = ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"]
+INITIAL_BACKOFF_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 5.0
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+class RevocationWatcher:
+    """Follow the token collection's change stream and evict changed tokens from `authenticator`."""
+
+    def __init__(
+        self,
+        tokens: AsyncCollection[dict[str, Any]],
+        authenticator: Authenticator,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tokens = tokens
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self.clock = clock
+        self.resume_token: Mapping[str, Any] | None = None
+        self.is_supported = True
+        self.opened = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="revocation-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            # Bounded: pymongo 4.20 was seen to swallow a cancellation while the server was down.
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_SECONDS)
+            self._task = None
+        self.metrics.change_stream_active.set(0)
+
+    async def _run(self) -> None:
+        backoff = INITIAL_BACKOFF_SECONDS
+        while True:
+            try:
+                await self._follow()
+            except OperationFailure as exc:
+                if exc.code in UNSUPPORTED_CODES:
+                    self._give_up(exc)
+                    return
+                self._note_failure(exc, backoff)
+            except PyMongoError as exc:
+                self._note_failure(exc, backoff)
+            if self.opened.is_set():
+                backoff = INITIAL_BACKOFF_SECONDS
+            self.opened.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _follow(self) -> None:
+        stream = await self._open()
+        self.opened.set()
+        self.metrics.change_stream_active.set(1)
+        if self._failures:
+            logger.info("The change stream on %s resumed after %d failure(s).", self.tokens.name, self._failures)
+            self._failures = 0
+        try:
+            async for change in stream:
+                self.resume_token = stream.resume_token
+                self.apply(change)
+        finally:
+            self.metrics.change_stream_active.set(0)
+            await stream.close()
+
+    async def _open(self) -> Any:
+        pipeline = [{"$match": {"operationType": {"$in": WATCHED_OPERATIONS}}}]
+        if self.resume_token is not None:
+            try:
+                return await self.tokens.watch(pipeline, resume_after=self.resume_token)
+            except OperationFailure as exc:
+                if exc.code in UNSUPPORTED_CODES:
+                    raise
+                # Usually 286 (ChangeStreamHistoryLost): the events since the
+                # token are gone, so the stream restarts from now instead.
+                logger.warning(
+                    "The change stream on %s cannot resume (code %s); it restarts and the token cache is cleared.",
+                    self.tokens.name,
+                    exc.code,
+                )
+        stream = await self.tokens.watch(pipeline)
+        # Entries cached before the stream started may have missed a change.
+        self.authenticator.clear()
+        self.resume_token = stream.resume_token
+        logger.info("Watching %s for token changes: revocations evict cached tokens at once.", self.tokens.name)
+        return stream
+
+    def apply(self, change: Mapping[str, Any]) -> None:
+        """Update the cache for one change event."""
+        operation = change.get("operationType")
+        if operation == "insert":
+            token_hash = (change.get("fullDocument") or {}).get("token_hash")
+            if isinstance(token_hash, str):
+                self.authenticator.forget_failure(token_hash)
+            return
+        if operation in ("update", "replace", "delete"):
+            if operation == "update" and _touches_usage_only(change.get("updateDescription") or {}):
+                return
+            token_id = change.get("documentKey", {}).get("_id")
+            evicted = self.authenticator.evict_token(token_id)
+            self._record_lag(change, token_id, operation, evicted)
+            return
+        # drop, rename, dropDatabase, invalidate: the whole collection changed.
+        self.authenticator.clear()
+        if operation == "invalidate":
+            # An invalidated stream ends and cannot be resumed; the next one starts from now.
+            self.resume_token = None
+        logger.warning("A %s event on the token collection %s cleared the token cache.", operation, self.tokens.name)
+
+    def _record_lag(self, change: Mapping[str, Any], token_id: Any, operation: str, evicted: int) -> None:
+        written_at = _write_time(change)
+        if written_at is None:
+            return
+        # Clocks of the store and the gateway may differ slightly; a negative lag is clock skew.
+        lag = max(0.0, self.clock() - written_at)
+        self.metrics.revocation_lag.observe(lag)
+        if evicted:
+            logger.info("Evicted token %s (%s in the store) %.3f s after the write.", token_id, operation, lag)
+
+    def _note_failure(self, error: PyMongoError, backoff: float) -> None:
+        self._failures += 1
+        # The first failure of an outage is a warning; its repeats are debug lines.
+        log = logger.warning if self._failures == 1 else logger.debug
+        log(
+            "The change stream on %s failed (%s); retrying in %.1f s, until then the cache TTL bounds revocations.",
+            self.tokens.name,
+            type(error).__name__,
+            backoff,
+        )
+
+    def _give_up(self, error: OperationFailure) -> None:
+        self.is_supported = False
+        self.metrics.change_stream_active.set(0)
+        logger.warning(
+            "The token store does not support change streams (code %s): revocations reach this process "
+            "within cache.ttl_seconds.",
+            error.code,
+        )
+
+
+def _touches_usage_only(description: Mapping[str, Any]) -> bool:
+    updated = description.get("updatedFields") or {}
+    removed = description.get("removedFields") or []
+    fields = [*updated, *removed]
+    return bool(fields) and all(field.split(".", 1)[0] in USAGE_FIELDS for field in fields)
+
+
+def _write_time(change: Mapping[str, Any]) -> float | None:
+    # wallTime (MongoDB 6.0+ and SecantusDB) has milliseconds; clusterTime has whole seconds.
+    wall_time = change.get("wallTime")
+    if isinstance(wall_time, datetime.datetime):
+        if wall_time.tzinfo is None:
+            wall_time = wall_time.replace(tzinfo=datetime.UTC)
+        return wall_time.timestamp()
+    cluster_time = change.get("clusterTime")
+    return float(cluster_time.time) if cluster_time is not None else None
