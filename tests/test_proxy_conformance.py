@@ -406,11 +406,11 @@ def test_response_server_sent_events_not_buffered(start_upstream: Any, gateway_b
     def handle(request: RawRequest, connection: socket.socket) -> None:
         connection.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"e\r\ndata: first\n\n\r\n"
+            b"d\r\ndata: first\n\n\r\n"
         )
         # The second event is written only after the client has received the first.
         first_delivered.wait(10)
-        connection.sendall(b"f\r\ndata: second\n\n\r\n0\r\n\r\n")
+        connection.sendall(b"e\r\ndata: second\n\n\r\n0\r\n\r\n")
 
     upstream = start_upstream(handle)
     gateway = gateway_before(upstream.url)
