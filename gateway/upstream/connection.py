@@ -14,6 +14,7 @@ waits while the transport's write buffer is above its high-water mark.
 from __future__ import annotations
 
 import asyncio
+import typing
 
 import httptools
 
@@ -134,8 +135,8 @@ class UpstreamConnection(asyncio.Protocol):
     # asyncio protocol callbacks.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - create_connection passes a Transport
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = typing.cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._parser is None or self.is_message_complete:
