@@ -6,8 +6,10 @@ Starts the trivial upstream (`bench.upstream`) under uvicorn with uvloop and
 httptools, then sends `--requests` GETs (default 3,000), `--concurrency` at
 a time (default 32), with each client in turn from this one process, and
 prints requests per second and the ratio to aiohttp's `ClientSession`, all
-from the same run. httpx on aiohttp's transport needs the `httpx-aiohttp`
-package and is skipped when it is not installed.
+from the same run. The last row is the gateway's own client
+(`gateway.upstream`), which `gateway/proxy.py` uses. httpx on aiohttp's
+transport needs the `httpx-aiohttp` package and is skipped when it is not
+installed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aiohttp
 import httpx
 
 from bench.processes import free_port, start_python
+from gateway.upstream import ConnectionPool
 
 DEFAULT_REQUESTS = 3_000
 DEFAULT_CONCURRENCY = 32
@@ -57,6 +60,30 @@ async def with_aiohttp(url: str, requests: int, concurrency: int) -> float:
         return await measure(fetch, url, requests, concurrency)
 
 
+async def with_gateway_client(url: str, requests: int, concurrency: int) -> float:
+    parts = httpx.URL(url)
+    pool = ConnectionPool(parts.host, parts.port or 80, None, concurrency, connect_timeout=5, pool_timeout=30)
+    head = b"GET " + parts.raw_path + b" HTTP/1.1\r\nHost: " + parts.netloc + b"\r\n\r\n"
+
+    async def fetch(target: str) -> None:
+        connection, _ = await pool.acquire()
+        try:
+            connection.start_exchange(is_head=False)
+            connection.write(head)
+            await connection.read_head(30)
+            while not connection.is_message_complete:
+                await connection.read_body(30)
+        finally:
+            pool.release(connection, connection.is_reusable)
+        if connection.status != 200:
+            raise RuntimeError(f"The upstream answered {connection.status}.")
+
+    await measure(fetch, url, WARM_UP_REQUESTS, concurrency)
+    rate = await measure(fetch, url, requests, concurrency)
+    await pool.close()
+    return rate
+
+
 async def with_httpx(url: str, requests: int, concurrency: int, transport: httpx.AsyncBaseTransport | None) -> float:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, transport=transport) as client:
@@ -85,6 +112,7 @@ async def compare(url: str, requests: int, concurrency: int) -> list[tuple[str, 
     rate = None if transport is None else await with_httpx(url, requests, concurrency, transport)
     results.append(("httpx on aiohttp's transport (httpx-aiohttp)", rate))
     results.append(("aiohttp.ClientSession", await with_aiohttp(url, requests, concurrency)))
+    results.append(("gateway.upstream.ConnectionPool", await with_gateway_client(url, requests, concurrency)))
     return results
 
 

@@ -137,7 +137,9 @@ def test_upstream_header_bytes_passed_exactly(start_upstream: Any, make_config: 
     upstream = start_upstream(handle)
     gateway = start_gateway(make_config(upstream.url))
 
-    _, headers, _ = exchange(gateway.port, b"GET /h HTTP/1.1\r\nHost: g\r\nX-Latin: caf\xe9\r\nX-Utf8: \xc3\xa9\r\n\r\n")
+    _, headers, _ = exchange(
+        gateway.port, b"GET /h HTTP/1.1\r\nHost: g\r\nX-Latin: caf\xe9\r\nX-Utf8: \xc3\xa9\r\n\r\n"
+    )
 
     assert upstream.requests[0].header_values(b"x-latin") == [b"caf\xe9"]
     assert upstream.requests[0].header_values(b"x-utf8") == [b"\xc3\xa9"]
@@ -203,4 +205,3 @@ async def test_pool_connect_refused_unreachable() -> None:
     # The failed attempt gave its slot back.
     with pytest.raises(UpstreamUnreachable):
         await asyncio.wait_for(pool.acquire(), 2)
-

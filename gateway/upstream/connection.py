@@ -20,8 +20,8 @@ import httptools
 
 from gateway.errors import UpstreamTimeout, UpstreamUnreachable
 
-# Body bytes held for a caller that has not taken them yet; above this,
-# the connection stops reading from the socket until the caller catches up.
+# Maximum body bytes held for a caller that has not taken them yet. Above
+# this, the connection stops reading from the socket until the caller catches up.
 MAX_BUFFERED_BODY_BYTES = 256 * 1024
 
 _BODYLESS_STATUSES = frozenset({204, 304})
@@ -58,7 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
     # Exchange, called by the pool's user.
 
     def start_exchange(self, is_head: bool) -> None:
-        """Prepare for a new response; `is_head` tells that the request is a HEAD (no body follows)."""
+        """Prepare for a new response. With `is_head`, the request is a HEAD and no body follows the head."""
         self._reset_response(is_head)
         self._parser = httptools.HttpResponseParser(self)
 
@@ -101,7 +101,9 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def is_reusable(self) -> bool:
         """Tell whether another request may use this connection: the response was complete and kept alive."""
-        return self.is_message_complete and self._is_keep_alive and not self._has_unexpected_bytes and not self.is_closed
+        return (
+            self.is_message_complete and self._is_keep_alive and not self._has_unexpected_bytes and not self.is_closed
+        )
 
     def close(self) -> None:
         """Abort the connection: used when an exchange is abandoned midway."""
@@ -140,8 +142,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._parser is None or self.is_message_complete:
-            # Bytes nobody asked for, such as a second response: the
-            # connection's framing can no longer be trusted.
+            # Bytes that no request expects, such as a second response, mean
+            # that the connection's framing can no longer be trusted.
             self._has_unexpected_bytes = True
             return
         self.has_received_bytes = True
@@ -183,15 +185,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None  # noqa: S101 - the parser calls back only while it exists
-        status = self._parser.get_status_code()
+        parser = self._parser
+        if parser is None:
+            return
+        status = parser.get_status_code()
         if 100 <= status < 200:
-            # An interim response (such as 103 Early Hints) is dropped; the final one follows.
+            # An interim response (such as 103 Early Hints) is dropped, and the final one follows.
             self.raw_headers = []
             return
 
         self.status = status
-        self._is_keep_alive = self._parser.should_keep_alive()
+        self._is_keep_alive = parser.should_keep_alive()
         is_chunked = False
         for name, value in self.raw_headers:
             lowered = name.lower()
@@ -203,7 +207,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._is_close_delimited = not (is_bodyless or self.has_content_length or is_chunked)
         self.is_head_complete = True
         if is_bodyless:
-            # httptools cannot be told that a response answers HEAD, so it
+            # httptools has no setting for a response to HEAD, so it
             # would wait for the body its Content-Length announces.
             self.is_message_complete = True
         self._wake()

@@ -44,9 +44,9 @@ class ConnectionPool:
         """Return a connection and whether it served an earlier request.
 
         With `is_new_required`, idle connections are passed over and a new
-        one is opened once the pool has room for it. Raises `UpstreamTimeout` when no connection frees up within the pool
-        timeout or the connect timeout passes, `UpstreamUnreachable` when
-        the connection fails.
+        one is opened once the pool has room for it. Raises `UpstreamTimeout`
+        when no connection frees up within the pool timeout or the connect
+        timeout passes, `UpstreamUnreachable` when the connection fails.
         """
         while self._idle and not is_new_required:
             connection = self._idle.pop()
