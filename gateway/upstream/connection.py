@@ -145,6 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes that no request expects, such as a second response, mean
             # that the connection's framing can no longer be trusted.
             self._has_unexpected_bytes = True
+            self.close()
             return
         self.has_received_bytes = True
         try:
