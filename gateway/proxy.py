@@ -136,24 +136,31 @@ class UpstreamProxy:
         self, connection: UpstreamConnection, head: bytes, body: RequestBody | None, is_head: bool
     ) -> None:
         connection.start_exchange(is_head)
-        connection.write(head)
-        if body is not None:
-            await self._send_request_body(connection, body)
+        if body is None:
+            connection.write(head)
+        else:
+            await self._send_request_body(connection, head, body)
         await connection.read_head(self.read_timeout)
 
-    async def _send_request_body(self, connection: UpstreamConnection, body: RequestBody) -> None:
+    async def _send_request_body(self, connection: UpstreamConnection, head: bytes, body: RequestBody) -> None:
+        # The head goes out with the first body chunk, so an upstream never
+        # sees the head of a request whose client left before sending a body.
+        pending_head = head
         async for chunk in body:
             if connection.is_head_complete:
                 # The upstream answered before reading the whole body (a 413,
                 # say): the rest is not sent, and the connection is not reused.
                 return
-            connection.write(chunk)
+            connection.write(pending_head + chunk if pending_head else chunk)
+            pending_head = b""
             try:
                 await connection.drain(self.read_timeout)
             except UpstreamUnreachable:
                 if connection.is_head_complete:
                     return
                 raise
+        if pending_head:
+            connection.write(pending_head)
 
     async def _send_response_head(self, connection: UpstreamConnection, send: Send) -> None:
         headers = response_headers(connection.raw_headers)
