@@ -148,7 +148,11 @@ def test_control_character_in_key_rejected_without_store_query(gateway: SharedGa
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.binary(min_size=1, max_size=1500).filter(lambda key: b"\r" not in key and b"\n" not in key))
+# A key of only whitespace counts as no key, which is forwarded anonymously
+# while `auth.require_key` is off, so it is left out here.
+@given(
+    key=st.binary(min_size=1, max_size=1500).filter(lambda key: b"\r" not in key and b"\n" not in key and key.strip())
+)
 def test_fuzzed_key_never_errors(gateway: SharedGateway, key: bytes) -> None:
     lookups = gateway.lookups.lookups
 
