@@ -76,7 +76,7 @@ async def with_gateway_client(url: str, requests: int, concurrency: int) -> floa
         finally:
             pool.release(connection, connection.is_reusable)
         if connection.status != 200:
-            raise RuntimeError(f"The upstream answered {connection.status}.")
+            raise RuntimeError(f"The upstream returned status {connection.status}, expected 200.")
 
     await measure(fetch, url, WARM_UP_REQUESTS, concurrency)
     rate = await measure(fetch, url, requests, concurrency)
