@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -90,17 +91,21 @@ class UpstreamProxy:
         body = RequestBody(receive, _is_chunked(scope["headers"])) if _has_body(scope["headers"]) else None
         # NOTE: a client that leaves before the upstream's response headers
         # arrive is noticed only once they do, at most `read_timeout_seconds` later.
+        started = time.perf_counter()
         connection = await self._send_request(scope, headers, body)
+        self.observe_latency(time.perf_counter() - started)
         is_reusable = False
         try:
             await self._send_response_head(connection, send)
             if scope["method"] == "HEAD" or connection.status in _BODYLESS_STATUSES:
                 await send({"type": "http.response.body", "body": b""})
+                is_complete = True
             else:
-                await self._stream_response_body(scope, connection, receive, send, body)
+                is_complete = await self._stream_response_body(scope, connection, receive, send, body)
             is_reusable = connection.is_reusable and (body is None or body.is_complete)
         finally:
             self.pool.release(connection, is_reusable)
+        return is_complete
 
     async def _send_request(self, scope: Scope, headers: Headers, body: RequestBody | None) -> UpstreamConnection:
         head = self._request_head(scope, headers, body)
@@ -177,7 +182,7 @@ class UpstreamProxy:
 
     async def _stream_response_body(
         self, scope: Scope, connection: UpstreamConnection, receive: Receive, send: Send, body: RequestBody | None
-    ) -> None:
+    ) -> bool:
         # A response without Content-Length is a stream (chunked, server-sent
         # events, or ended by closing the connection), where long pauses
         # between chunks are normal, so it gets the longer read timeout.
@@ -207,6 +212,7 @@ class UpstreamProxy:
                     *_request_line(scope),
                     exc,
                 )
+            return False
         finally:
             if watcher is not None:
                 watcher.stop()
