@@ -129,7 +129,9 @@ def test_token_lifecycle_create_use_list_revoke(gateway: Any, owner: Any, seed_u
     def listed_with_usage() -> dict[str, Any] | None:
         tokens = call(gateway, "GET", key).json()
         entry = next(item for item in tokens if item["id"] == created["id"])
-        return entry if entry["last_used_at"] else None
+        # One bulk write sets last_used_at and adds the User-Agent in two
+        # updates, so a list may see the first without the second.
+        return entry if entry["last_used_at"] and entry["user_agents"] else None
 
     entry = wait_for(listed_with_usage)
     assert entry["user_agents"] == ["deploy-bot/2.1"]
