@@ -4,7 +4,7 @@ uvicorn's httptools parser (llhttp) already rejects with 400 control
 characters, bare CR or LF, obsolete line folding and conflicting framing
 headers. uvicorn's h11 parser and other servers let some through, measured
 with uvicorn 0.55 and h11 0.16: h11 accepts a value with `\\x01` or DEL, which
-aiohttp then refuses to send (a 500 without this check), and it accepts
+the upstream would then receive, and it accepts
 `Content-Length` together with `Transfer-Encoding`, so the gateway forwarded
 a chunked body under the client's `Content-Length` and the upstream waited
 for bytes that never came. The gateway therefore checks every name and
