@@ -160,6 +160,10 @@ class Authenticator:
             self.positive.pop(cache_key, None)
         return len(stale)
 
+    def cache_identity(self, cache_key: str, identity: Identity) -> None:
+        """Cache `identity` as the answer for `cache_key`, fresh for `cache.ttl_seconds`."""
+        self.positive[cache_key] = _CachedIdentity(identity, time.monotonic() + self.cache_ttl)
+
     def forget_failure(self, token_hash: str) -> None:
         """Drop the negative answer cached for `token_hash`, as when a token with that hash was just created."""
         self.negative.pop(token_hash, None)
@@ -210,7 +214,7 @@ class Authenticator:
         # A document read before an eviction may predate a revocation, so
         # it serves this request but is not cached.
         if self._evictions == evictions_before:
-            self.positive[cache_key] = _CachedIdentity(identity, time.monotonic() + self.cache_ttl)
+            self.cache_identity(cache_key, identity)
         if document.get("token_hash") != cache_key:
             self.rehasher.schedule(identity.token_id, document["token_hash"], cache_key)
         return identity

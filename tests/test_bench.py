@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import bson
 import pytest
 
 from bench.store_relay import OP_MSG, command_of
 from bench.wrk import parse_wrk_output
+from tests.support.cli import REPOSITORY_ROOT
 
 WRK_OUTPUT = """\
 Running 3s test @ http://127.0.0.1:40000/
@@ -66,3 +71,18 @@ def test_command_of_reads_name_and_collection(document: dict[str, object], expec
 def test_command_of_ignores_other_opcodes() -> None:
     # 2012 is OP_COMPRESSED, whose payload the relay does not parse.
     assert command_of(_op_msg({"aggregate": "api_token"}, opcode=2012)) is None
+
+
+def test_cache_memory_fills_real_cache() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cache_memory", "1000"],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["entries"] == 1000
+    assert figures["bytes_per_entry"] > 0
