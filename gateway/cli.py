@@ -299,7 +299,11 @@ def _parse_name(text: str) -> str:
 
 def _parse_token_id(text: str) -> ObjectId:
     if len(text) != 24 or not ObjectId.is_valid(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token id: expected 24 hexadecimal digits")
+        # The value is left out: a token pasted here by mistake would be echoed.
+        raise argparse.ArgumentTypeError(
+            f"a value of {len(text)} characters is not a token id: expected 24 hexadecimal digits, "
+            "as `gateway tokens list` shows"
+        )
     return ObjectId(text)
 
 

@@ -175,6 +175,16 @@ def test_tokens_revoke_outcomes(mongodb_uri: str, database_name: str, mongo: Any
     assert "24 hexadecimal digits" in malformed.stderr
 
 
+def test_tokens_revoke_hides_pasted_token(mongodb_uri: str, database_name: str) -> None:
+    plaintext = "udata_" + "p" * 64
+
+    result = run_cli("tokens", "revoke", plaintext, environ=store_environment(mongodb_uri, database_name))
+
+    assert result.returncode == 2
+    assert "24 hexadecimal digits" in result.stderr
+    assert "p" * 64 not in result.stderr + result.stdout
+
+
 def test_tokens_create_scope_checked(mongodb_uri: str, database_name: str, mongo: Any) -> None:
     environ = {**store_environment(mongodb_uri, database_name), "GATEWAY_MANAGEMENT_ALLOWED_SCOPES": "admin,read"}
 
