@@ -62,8 +62,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     _add_config_argument(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
-    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    serve.add_argument("--workers", type=int, help="number of worker processes (overrides server.workers)")
+    serve.add_argument("--port", type=_port, help="listen port, 0 to 65535 (overrides server.port)")
+    serve.add_argument(
+        "--workers", type=_positive_integer, help="number of worker processes (overrides server.workers)"
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate a configuration and report every problem")
@@ -364,6 +366,16 @@ def _positive_integer(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: expected 0 to 65535")
     return value
 
 

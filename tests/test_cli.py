@@ -185,6 +185,18 @@ def test_tokens_revoke_hides_pasted_token(mongodb_uri: str, database_name: str) 
     assert "p" * 64 not in result.stderr + result.stdout
 
 
+def test_serve_rejects_invalid_port_and_workers(tmp_path: Path) -> None:
+    environ = {"GATEWAY_TOKENS_SECRET": TEST_SECRET, "GATEWAY_STORE_EMBEDDED_PATH": str(tmp_path)}
+
+    port = run_cli("serve", "--port", "-1", environ=environ, timeout=20)
+    workers = run_cli("serve", "--workers", "0", environ=environ, timeout=20)
+
+    assert port.returncode == 2
+    assert "is not a TCP port" in port.stderr
+    assert workers.returncode == 2
+    assert "is not a positive integer" in workers.stderr
+
+
 def test_tokens_create_scope_checked(mongodb_uri: str, database_name: str, mongo: Any) -> None:
     environ = {**store_environment(mongodb_uri, database_name), "GATEWAY_MANAGEMENT_ALLOWED_SCOPES": "admin,read"}
 
