@@ -228,7 +228,8 @@ def _revoke_token(arguments: argparse.Namespace) -> int:
         return EXIT_OK
     print(
         f"Revoked token {token_id} ({document.get('token_prefix') or '-'}...) of user {document['user']}. "
-        f"Running gateways stop accepting it within cache.ttl_seconds ({config.cache.ttl_seconds:g} s).",
+        "Running gateways reject it once their change stream reports the write, "
+        f"or within cache.ttl_seconds ({config.cache.ttl_seconds:g} s) without a change stream.",
         file=sys.stderr,
     )
     return EXIT_OK
