@@ -252,6 +252,12 @@ class Authenticator:
         if document.get("revoked_at") is not None:
             return AuthFailureReason.REVOKED
         expires_at = document.get("expires_at")
+        if expires_at is not None and not isinstance(expires_at, datetime.datetime):
+            # Written by another tool as a string or number: its meaning is a guess, so the key is rejected.
+            logger.error(
+                "Rejected token %s: its expires_at is a %s, not a date.", document["_id"], type(expires_at).__name__
+            )
+            return AuthFailureReason.INVALID
         if expires_at is not None and _timestamp(expires_at) <= self.clock():
             return AuthFailureReason.EXPIRED
         if not is_usable_user_id(document.get("user")):

@@ -62,8 +62,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     _add_config_argument(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
-    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    serve.add_argument("--workers", type=int, help="number of worker processes (overrides server.workers)")
+    serve.add_argument("--port", type=_port, help="listen port, 0 to 65535 (overrides server.port)")
+    serve.add_argument(
+        "--workers", type=_positive_integer, help="number of worker processes (overrides server.workers)"
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate a configuration and report every problem")
@@ -226,7 +228,8 @@ def _revoke_token(arguments: argparse.Namespace) -> int:
         return EXIT_OK
     print(
         f"Revoked token {token_id} ({document.get('token_prefix') or '-'}...) of user {document['user']}. "
-        f"Running gateways stop accepting it within cache.ttl_seconds ({config.cache.ttl_seconds:g} s).",
+        "Running gateways reject it once their change stream reports the write, "
+        f"or within cache.ttl_seconds ({config.cache.ttl_seconds:g} s) without a change stream.",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -299,7 +302,11 @@ def _parse_name(text: str) -> str:
 
 def _parse_token_id(text: str) -> ObjectId:
     if len(text) != 24 or not ObjectId.is_valid(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token id: expected 24 hexadecimal digits")
+        # The value is left out: a token pasted here by mistake would be echoed.
+        raise argparse.ArgumentTypeError(
+            f"a value of {len(text)} characters is not a token id: expected 24 hexadecimal digits, "
+            "as `gateway tokens list` shows"
+        )
     return ObjectId(text)
 
 
@@ -360,6 +367,16 @@ def _positive_integer(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: expected 0 to 65535")
     return value
 
 

@@ -100,18 +100,32 @@ class RevocationWatcher:
             logger.info("The change stream on %s resumed after %d failure(s).", self.tokens.name, self._failures)
             self._failures = 0
         try:
-            async for change in stream:
+            # try_next, not `async for`: pymongo 4.20 bounds a whole `async for`
+            # wait by timeoutMS, so an idle stream failed every
+            # store.timeout_seconds. Each try_next is one getMore.
+            while stream.alive:
+                change = await stream.try_next()
                 self.resume_token = stream.resume_token
-                self.apply(change)
+                if change is not None:
+                    self.apply(change)
         finally:
             self.metrics.change_stream_active.set(0)
             await stream.close()
 
+    def _max_await_time_ms(self) -> int | None:
+        # A getMore waits up to maxAwaitTimeMS for a change (MongoDB waits 1 s
+        # when it is unset), and that wait must end within the client's timeoutMS.
+        timeout = self.tokens.database.client.options.timeout
+        return None if timeout is None else max(1, int(timeout * 1000 / 2))
+
     async def _open(self) -> Any:
         pipeline = [{"$match": {"operationType": {"$in": WATCHED_OPERATIONS}}}]
+        max_await_time_ms = self._max_await_time_ms()
         if self.resume_token is not None:
             try:
-                return await self.tokens.watch(pipeline, resume_after=self.resume_token)
+                return await self.tokens.watch(
+                    pipeline, resume_after=self.resume_token, max_await_time_ms=max_await_time_ms
+                )
             except OperationFailure as exc:
                 if exc.code in UNSUPPORTED_CODES:
                     raise
@@ -122,7 +136,7 @@ class RevocationWatcher:
                     self.tokens.name,
                     exc.code,
                 )
-        stream = await self.tokens.watch(pipeline)
+        stream = await self.tokens.watch(pipeline, max_await_time_ms=max_await_time_ms)
         # Entries cached before the stream started may have missed a change.
         self.authenticator.clear()
         self.resume_token = stream.resume_token

@@ -63,3 +63,18 @@ def test_string_owner_id_with_punctuation_accepted(gateway_without_user_check: A
 
     assert response.status_code == 200
     assert header_values(upstream.requests[-1], "X-Authenticated-User") == ["service:robot-7@example.org"]
+
+
+@pytest.mark.parametrize("expires_at", ["2020-01-01T00:00:00Z", "2999-01-01", 1893456000, True])
+def test_non_date_expiry_rejected_as_invalid(gateway_without_user_check: Any, seed_token: Any, expires_at: Any) -> None:
+    gateway, upstream = gateway_without_user_check
+    plaintext, _ = seed_token("robot", expires_at=expires_at)
+
+    proxied = httpx.get(f"{gateway.url}/x", headers={"X-API-KEY": plaintext})
+    checked = httpx.get(f"{gateway.url}/_auth", headers={"X-API-KEY": plaintext})
+
+    assert proxied.status_code == 401
+    assert proxied.json() == {"message": "Invalid API token"}
+    assert checked.status_code == 401
+    assert "x-authenticated-user" not in checked.headers
+    assert upstream.requests == []

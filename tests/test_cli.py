@@ -160,7 +160,8 @@ def test_tokens_revoke_outcomes(mongodb_uri: str, database_name: str, mongo: Any
 
     assert first.returncode == 0, first.stderr
     assert f"Revoked token {token_id} (udata_abcdefgh...) of user robot-1" in first.stderr
-    assert "within cache.ttl_seconds (10 s)" in first.stderr
+    assert "once their change stream reports the write" in first.stderr
+    assert "within cache.ttl_seconds (10 s) without a change stream" in first.stderr
     stored = mongo.api_token.find_one({"_id": token_id})
     assert stored["revoked_at"] is not None
     assert second.returncode == 0, second.stderr
@@ -173,6 +174,28 @@ def test_tokens_revoke_outcomes(mongodb_uri: str, database_name: str, mongo: Any
     assert "no token has the id" in unknown.stderr
     assert malformed.returncode == 2
     assert "24 hexadecimal digits" in malformed.stderr
+
+
+def test_tokens_revoke_hides_pasted_token(mongodb_uri: str, database_name: str) -> None:
+    plaintext = "udata_" + "p" * 64
+
+    result = run_cli("tokens", "revoke", plaintext, environ=store_environment(mongodb_uri, database_name))
+
+    assert result.returncode == 2
+    assert "24 hexadecimal digits" in result.stderr
+    assert "p" * 64 not in result.stderr + result.stdout
+
+
+def test_serve_rejects_invalid_port_and_workers(tmp_path: Path) -> None:
+    environ = {"GATEWAY_TOKENS_SECRET": TEST_SECRET, "GATEWAY_STORE_EMBEDDED_PATH": str(tmp_path)}
+
+    port = run_cli("serve", "--port", "-1", environ=environ, timeout=20)
+    workers = run_cli("serve", "--workers", "0", environ=environ, timeout=20)
+
+    assert port.returncode == 2
+    assert "is not a TCP port" in port.stderr
+    assert workers.returncode == 2
+    assert "is not a positive integer" in workers.stderr
 
 
 def test_tokens_create_scope_checked(mongodb_uri: str, database_name: str, mongo: Any) -> None:

@@ -158,6 +158,18 @@ def test_token_lifecycle_create_use_list_revoke(gateway: Any, owner: Any, seed_u
     assert created["id"] not in listed_ids
 
 
+def test_list_survives_non_date_expiry(gateway: Any, owner: Any, seed_token: Any) -> None:
+    user, key = owner
+    _, document = seed_token(user, expires_at="2999-01-01")
+
+    response = call(gateway, "GET", key)
+
+    assert response.status_code == 200, response.text
+    entry = next(item for item in response.json() if item["id"] == str(document["_id"]))
+    assert entry["expires_at"] is None
+    assert entry["expired"] is True
+
+
 def test_revoke_keeps_document_for_audit(gateway: Any, owner: Any, mongo: Any) -> None:
     _, key = owner
     created = create(gateway, key)

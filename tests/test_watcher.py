@@ -120,6 +120,21 @@ def store_process(tmp_path: Path) -> Iterator[StoreProcess]:
     store.stop()
 
 
+def test_watcher_idle_stream_stays_open(
+    make_config: Any, start_gateway: Any, echo_upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, upstream = echo_upstream
+    gateway = start_gateway(make_config(upstream.url, store__timeout_seconds=0.5, **LONG_TTL))
+    wait_until(lambda: watching(gateway))
+
+    with caplog.at_level(logging.WARNING, logger="gateway.watcher"):
+        time.sleep(2.0)  # four store timeouts without a change
+
+    failures = [record.getMessage() for record in caplog.records if record.name == "gateway.watcher"]
+    assert failures == []
+    assert watching(gateway)
+
+
 def test_watcher_resumes_after_store_restart(
     store_process: StoreProcess, make_config: Any, start_gateway: Any, echo_upstream: Any, database_name: str
 ) -> None:
