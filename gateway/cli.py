@@ -151,7 +151,7 @@ def _serve(arguments: argparse.Namespace) -> int:
     # through the handler found at start. Exiting through SystemExit lets the
     # `with` block below stop the embedded store after the last usage flush.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    with store_uri(config.store.uri, config.store.embedded_path) as uri:
+    with store_uri(config.store.uri, config.store.embedded_path, must_own=True) as uri:
         run_server(config, arguments.config, uri, host=arguments.host, port=arguments.port, workers=arguments.workers)
     return EXIT_OK
 

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 SERVER_COMMAND = "secantusd-py"
 STARTUP_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
+# How long `gateway serve` waits for a CLI command to release the data folder.
+OWNER_WAIT_SECONDS = 15.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -55,9 +57,12 @@ def mongodb_uri(host: str, port: int) -> str:
 class EmbeddedStore:
     """Start or reach the SecantusDB server of a data folder."""
 
-    def __init__(self, data_path: str | Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, data_path: str | Path, host: str = "127.0.0.1", must_own: bool = False) -> None:
         self.data_path = Path(data_path).resolve()
         self.host = host
+        # A long-running process (`gateway serve`) must own the server: a
+        # server borrowed from another process stops when that one exits.
+        self.must_own = must_own
         self.process: subprocess.Popen[bytes] | None = None
         self._lock_file: IO[str] | None = None
         self.uri = ""
@@ -65,7 +70,10 @@ class EmbeddedStore:
     def start(self) -> str:
         """Return the URI of the folder's server, starting one when none runs.
 
-        Raises `StoreUnavailable` when the server cannot be started or reached.
+        With `must_own`, waits up to `OWNER_WAIT_SECONDS` for another
+        process's server to stop (a CLI command holds one for seconds), then
+        starts its own. Raises `StoreUnavailable` when the server cannot be
+        started or reached, or another process keeps the folder.
         """
         try:
             self.data_path.mkdir(parents=True, exist_ok=True)
@@ -75,10 +83,13 @@ class EmbeddedStore:
                 f"The embedded store folder {str(self.data_path)!r} cannot be used: {exc.strerror}. "
                 "Set store.embedded_path to a folder this user can write."
             ) from exc
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not self._lock(lock_file):
             lock_file.close()
+            if self.must_own:
+                raise StoreUnavailable(
+                    f"Another process keeps the embedded store in {self.data_path}: only one `gateway serve` "
+                    "may use a data folder. Stop the other one, or give this one its own store.embedded_path."
+                )
             self.uri = self._running_server_uri()
             return self.uri
 
@@ -89,6 +100,17 @@ class EmbeddedStore:
             self.stop()
             raise
         return self.uri
+
+    def _lock(self, lock_file: IO[str]) -> bool:
+        deadline = time.monotonic() + (OWNER_WAIT_SECONDS if self.must_own else 0)
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.1)
 
     def stop(self) -> None:
         """Stop the server this object started, if any, and release the folder."""
@@ -206,10 +228,13 @@ def _wait_until_listening(host: str, port: int, process: subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
-def store_uri(uri: str, embedded_path: str) -> Iterator[str]:
-    """Yield a MongoDB URI for `uri`, running the embedded store while the block runs when `uri` is "embedded"."""
+def store_uri(uri: str, embedded_path: str, must_own: bool = False) -> Iterator[str]:
+    """Yield a MongoDB URI for `uri`, running the embedded store while the block runs when `uri` is "embedded".
+
+    `must_own` is for long-running processes; see `EmbeddedStore.start`.
+    """
     if uri != "embedded":
         yield uri
         return
-    with EmbeddedStore(embedded_path) as embedded:
+    with EmbeddedStore(embedded_path, must_own=must_own) as embedded:
         yield embedded.uri
