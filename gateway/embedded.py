@@ -5,10 +5,11 @@ the same pymongo code as to a MongoDB replica set. It is GPL-2.0 and runs as a
 separate program (`secantusd-py`); the gateway never imports it.
 
 Only one process may open a data folder. The process that starts the server
-holds an exclusive lock on `<embedded_path>/server.lock` and writes the
-server's address to `<embedded_path>/server.json`; any other process that
-finds the lock taken connects to that address instead of starting a second
-server.
+keeps an exclusive lock on `<embedded_path>/server.lock` and writes the
+server's address to `<embedded_path>/server.json`. A CLI command that finds
+the lock taken connects to that address instead of starting a second server.
+`gateway serve` never borrows a server, because a borrowed server stops when
+its owner exits.
 """
 
 from __future__ import annotations
