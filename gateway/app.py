@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from gateway.access_log import AccessLog, RequestRecord
 from gateway.audit import AuditLog, AuditOutcome
@@ -32,7 +32,7 @@ from gateway.legacy_keys import LegacyKeyStore
 from gateway.limiter import FailedLookupLimiter
 from gateway.management import ManagementRoutes
 from gateway.metrics import METRICS_CONTENT_TYPE, GatewayMetrics
-from gateway.policy import FORBIDDEN_MESSAGE, AccessPolicy
+from gateway.policy import FORBIDDEN_MESSAGE, REFUSED, AccessPolicy, Refusal
 from gateway.proxy import UpstreamProxy
 from gateway.responses import (
     STORE_UNAVAILABLE_MESSAGE,
@@ -52,6 +52,7 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 Route = Callable[[Scope, Receive, Send], Awaitable[None]]
+StoreFailureAnswer = Callable[[Scope, Send, StoreUnavailable], Awaitable[None]]
 
 # The scope key under which each request carries its `RequestRecord`, so
 # that callbacks taking only the scope (the auth_request endpoint's) reach it.
@@ -96,13 +97,7 @@ class GatewayApp:
         self.policy = AccessPolicy(config.auth.required_scopes)
         self.management = ManagementRoutes(TokenManager(self.store, config.tokens), self.authenticator, config)
         self.auth_request = AuthRequestEndpoint(
-            self.identify,
-            self.reject,
-            self.forbid,
-            self.policy,
-            config.auth.user_header,
-            config.auth.header,
-            self.describe_request,
+            self.admit, config.auth.user_header, config.auth.header, self.describe_request
         )
         self.routes: dict[str, Route] = {
             config.logging.health_path: self.health,
@@ -156,18 +151,32 @@ class GatewayApp:
             self.metrics.in_flight.dec()
 
     async def authenticate_and_forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        identity = await self.admit(scope, send)
+        if identity is REFUSED:
+            return
+        await self.forward(scope, receive, send, identity)
+
+    async def admit(
+        self, scope: Scope, send: Send, store_unavailable: StoreFailureAnswer | None = None
+    ) -> Identity | Literal[Refusal.REFUSED] | None:
+        """Authenticate and authorize the request; return its identity, or None when anonymous.
+
+        A refused request is answered here (401, 403, or `store_unavailable`,
+        503 by default, when the store fails) and `REFUSED` is returned.
+        """
         try:
             identity = await self.identify(scope)
         except AuthenticationFailed as exc:
             await self.reject(scope, send, exc.reason)
-            return
+            return REFUSED
         except StoreUnavailable as exc:
-            await self.store_unavailable(scope, send, exc)
-            return
+            await (store_unavailable or self.store_unavailable)(scope, send, exc)
+            return REFUSED
+
         if identity is not None and not self.policy.allows(identity):
             await self.forbid(scope, send, identity)
-            return
-        await self.forward(scope, receive, send, identity)
+            return REFUSED
+        return identity
 
     async def identify(self, scope: Scope) -> Identity | None:
         """Return the identity behind the request's key, or None for an anonymous request.

@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from gateway.authenticator import Identity
-from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavailable
-from gateway.policy import AccessPolicy
+from gateway.errors import StoreUnavailable
+from gateway.policy import REFUSED, Refusal
 from gateway.responses import STORE_UNAVAILABLE_MESSAGE, challenge_headers, send_error
 
 logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Identify = Callable[[Scope], Awaitable[Identity | None]]
-Reject = Callable[[Scope, Send, AuthFailureReason], Awaitable[None]]
-Forbid = Callable[[Scope, Send, Identity], Awaitable[None]]
+StoreFailureAnswer = Callable[[Scope, Send, StoreUnavailable], Awaitable[None]]
+Admit = Callable[[Scope, Send, StoreFailureAnswer], Awaitable[Identity | Literal[Refusal.REFUSED] | None]]
 Describe = Callable[[Scope], tuple[str, str, str]]
 
 STORE_UNAVAILABLE_REASON = "unavailable"
@@ -50,25 +49,13 @@ RETRY_AFTER_SECONDS = b"1"
 class AuthRequestEndpoint:
     """ASGI endpoint for nginx's auth subrequests, which returns 204, 401 or 403.
 
-    `identify`, `reject`, `forbid` and `describe_request` (client address,
-    method and path for log lines) are the gateway's own, so both modes share
-    the authenticator, its cache, usage tracking and the audit log.
+    `admit` and `describe_request` (client address, method and path for log
+    lines) are the gateway's own, so both modes share the authenticator, its
+    cache, the access policy, usage tracking and the audit log.
     """
 
-    def __init__(
-        self,
-        identify: Identify,
-        reject: Reject,
-        forbid: Forbid,
-        policy: AccessPolicy,
-        user_header: str,
-        key_header: str,
-        describe_request: Describe,
-    ) -> None:
-        self.identify = identify
-        self.reject = reject
-        self.forbid = forbid
-        self.policy = policy
+    def __init__(self, admit: Admit, user_header: str, key_header: str, describe_request: Describe) -> None:
+        self.admit = admit
         self.user_header = user_header.lower().encode()
         self.describe_request = describe_request
         self.unavailable_headers = [
@@ -77,17 +64,8 @@ class AuthRequestEndpoint:
         ]
 
     async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
-        try:
-            identity = await self.identify(scope)
-        except AuthenticationFailed as exc:
-            await self.reject(scope, send, exc.reason)
-            return
-        except StoreUnavailable as exc:
-            await self.store_unavailable(scope, send, exc)
-            return
-
-        if identity is not None and not self.policy.allows(identity):
-            await self.forbid(scope, send, identity)
+        identity = await self.admit(scope, send, self.store_unavailable)
+        if identity is REFUSED:
             return
         await self.allow(send, identity)
 

@@ -9,11 +9,21 @@ no scope to check.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 
 from gateway.authenticator import Identity
 
 FORBIDDEN_MESSAGE = "API token lacks a required scope"
+
+
+class Refusal(enum.Enum):
+    """The marker `GatewayApp.admit` returns for a request it refused and answered already."""
+
+    REFUSED = "refused"
+
+
+REFUSED = Refusal.REFUSED
 
 
 class AccessPolicy:
