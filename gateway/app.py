@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.forwarded import client_address, original_method, original_path
-from gateway.header_syntax import has_invalid_header
+from gateway.header_syntax import has_invalid_header, header_bytes
 from gateway.headers import KeyHeaderError, RequestHeaderPolicy, TrustedProxies, expects_continue, read_key_header
 from gateway.legacy_keys import LegacyKeyStore
 from gateway.limiter import FailedLookupLimiter
@@ -93,6 +93,7 @@ class GatewayApp:
             config.auth.user_header, config.auth.header, config.upstream.forward_api_key, self.trusted_proxies
         )
         self.key_header = config.auth.header.lower().encode()
+        self.max_header_bytes = config.server.max_header_bytes
         self.require_key = config.auth.require_key
         self.policy = AccessPolicy(config.auth.required_scopes)
         self.management = ManagementRoutes(TokenManager(self.store, config.tokens), self.authenticator, config)
@@ -131,6 +132,10 @@ class GatewayApp:
         route = self.routes.get(scope["path"])
         if route is not None:
             await route(scope, receive, send)
+            return
+        if header_bytes(scope["headers"]) > self.max_header_bytes:
+            logger.warning("Rejected %s %s with 431: the headers are too large.", scope["method"], _record(scope).path)
+            await send_error(send, 431, "Request headers too large", [(b"connection", b"close")])
             return
         if has_invalid_header(scope["headers"], key_header=self.key_header):
             logger.warning("Rejected %s %s with 400: a header is malformed.", scope["method"], _record(scope).path)

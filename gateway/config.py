@@ -23,6 +23,9 @@ from gateway.headers import fold_header_name
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_PORT = 8080
+# nginx's default large_client_header_buffers (4 buffers of 8 KiB) admits
+# about as much; uvicorn with httptools sets no limit at all.
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_CACHE_TTL_SECONDS = 10.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 2.0
 DEFAULT_STORE_TIMEOUT_SECONDS = 2.0
@@ -127,6 +130,7 @@ class ServerConfig:
     server: str = _setting("uvicorn", _one_of("uvicorn", "granian"))
     workers: int = _setting(1, _positive)
     shutdown_timeout_seconds: float = _setting(10.0, _positive)
+    max_header_bytes: int = _setting(DEFAULT_MAX_HEADER_BYTES, _positive)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,11 @@ _INVALID_VALUE_CHARACTER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,19}")
 
 
+def header_bytes(headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """Return the size of the header section: names and values, without separators."""
+    return sum(len(name) + len(value) for name, value in headers)
+
+
 def has_invalid_header(headers: Sequence[tuple[bytes, bytes]], key_header: bytes = b"") -> bool:
     """Tell whether the headers break HTTP's syntax or framing rules.
 

@@ -348,3 +348,26 @@ def test_key_never_logged(proxy: Any, seed_user: Any, seed_token: Any, caplog: p
 
     assert plaintext not in caplog.text
     assert document["token_hash"] not in caplog.text
+
+
+def test_oversized_headers_rejected_431(proxy: Any) -> None:
+    gateway, upstream = proxy
+
+    response = httpx.get(f"{gateway.url}/x", headers={"X-Big": "a" * 40_000})
+
+    assert response.status_code == 431
+    assert response.json() == {"message": "Request headers too large"}
+    assert upstream.requests == []
+
+
+def test_headers_under_limit_forwarded(make_config: Any, start_gateway: Any, echo_upstream: Any) -> None:
+    upstream, server = echo_upstream
+    gateway = start_gateway(make_config(server.url, server__max_header_bytes=1_000))
+
+    accepted = httpx.get(f"{gateway.url}/x", headers={"X-Small": "a" * 500})
+    rejected = httpx.get(f"{gateway.url}/x", headers={"X-Small": "a" * 1_000})
+
+    assert accepted.status_code == 200
+    assert header_values(upstream.requests[-1], "X-Small") == ["a" * 500]
+    assert rejected.status_code == 431
+    assert len(upstream.requests) == 1
