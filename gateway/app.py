@@ -65,6 +65,8 @@ class GatewayApp:
     def __init__(self, config: Config, event_listeners: Sequence[Any] = ()) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
+
+        # Services: the store, authentication and its caches, logs, usage records.
         self.store = TokenStore.connect(config.store.uri, config.store, event_listeners)
         self.legacy_keys = _legacy_key_store(config, self.store)
         self.failed_lookups = FailedLookupLimiter(
@@ -84,6 +86,8 @@ class GatewayApp:
         self.access_log = AccessLog(config.logging)
         self.audit = AuditLog(config.logging.audit_log)
         self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
+
+        # Forwarding: the upstream and the header rules, computed once.
         self.upstream = (
             UpstreamProxy(config.upstream, self.metrics.upstream_duration.observe) if config.upstream.url else None
         )
@@ -95,6 +99,8 @@ class GatewayApp:
         self.key_header = config.auth.header.lower().encode()
         self.max_header_bytes = config.server.max_header_bytes
         self.require_key = config.auth.require_key
+
+        # The gateway's own routes, which are never forwarded.
         self.policy = AccessPolicy(config.auth.required_scopes)
         self.management = ManagementRoutes(TokenManager(self.store, config.tokens), self.authenticator, config)
         self.auth_request = AuthRequestEndpoint(
@@ -363,7 +369,7 @@ class GatewayApp:
                 await self.legacy_keys.ensure_index()
         except StoreUnavailable as exc:
             logger.warning(
-                "The token store is unreachable at start-up; requests with keys get 503 until it answers: %s", exc
+                "The token store is unreachable at start-up; requests with keys get 503 until it responds: %s", exc
             )
         if self.upstream is not None:
             await self.upstream.start()

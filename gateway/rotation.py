@@ -31,7 +31,10 @@ class TokenRehasher:
         self._tasks: dict[Any, asyncio.Task[None]] = {}
 
     def schedule(self, token_id: Any, old_hash: str, new_hash: str) -> None:
-        """Start re-hashing `token_id` unless a re-hash of it is already running; never raises."""
+        """Start re-hashing `token_id` in a background task unless a re-hash of it is already running.
+
+        A store failure is logged by the task and never reaches the caller.
+        """
         if token_id in self._tasks:
             return
         task = asyncio.create_task(self._rehash(token_id, old_hash, new_hash), name="token-rehash")

@@ -77,7 +77,7 @@ class TokenStore:
         try:
             await self.client.admin.command("ping")
         except PyMongoError as exc:
-            raise StoreUnavailable(f"The token store did not answer a ping: {type(exc).__name__}.") from exc
+            raise StoreUnavailable(f"The token store did not respond to a ping: {type(exc).__name__}.") from exc
 
     async def ensure_indexes(self) -> None:
         """Create udata's indexes on `api_token` when they are missing."""

@@ -43,7 +43,7 @@ class UsageRecorder:
         self._stopping = asyncio.Event()
 
     def record(self, token_id: Any, user_agent: str | None, known_user_agents: frozenset[str]) -> None:
-        """Note one successful use of `token_id` now; never blocks, never raises."""
+        """Note one successful use of `token_id` now, in memory only: no store I/O on the request path."""
         now = datetime.datetime.now(datetime.UTC)
         usage = self._pending.get(token_id)
         if usage is None:
