@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,31 @@ def process_tree_cpu_seconds(pid: int) -> float:
         ticks += int(fields[11]) + int(fields[12])
         pending.extend(_children(current))
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(busy_fraction: float = 0.2, window: float = 0.3, timeout: float = 8.0) -> float:
+    """Wait until the machine's CPUs are busy less than `busy_fraction` of a `window`; return the seconds waited.
+
+    Work left over from a row (the usage records a burst of new keys
+    leaves, flushed to the store each second) would otherwise slow the
+    next row. Gives up after `timeout` seconds on a machine other jobs keep busy.
+    """
+    started = time.monotonic()
+    busy, total = _cpu_ticks()
+    while time.monotonic() - started < timeout:
+        time.sleep(window)
+        new_busy, new_total = _cpu_ticks()
+        if new_total > total and (new_busy - busy) / (new_total - total) < busy_fraction:
+            break
+        busy, total = new_busy, new_total
+    return time.monotonic() - started
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    # The first line of /proc/stat: user nice system idle iowait irq softirq steal ...
+    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
 
 
 def _rss_kib(pid: int) -> int:

@@ -185,6 +185,7 @@ def _run_rounds(stack: Stack, rows: list[Row], rounds: int, duration: float) -> 
     for round_index in range(rounds):
         direct: float | None = None
         for result in results:
+            measure.wait_until_quiet()
             lookups_before = stack.store_relay.token_lookups()
             cpu_before = _gateway_cpu_seconds(stack, result.row)
             run = _run_row(stack, result.row, duration, round_index)
