@@ -205,3 +205,55 @@ async def test_pool_connect_refused_unreachable() -> None:
     # The failed attempt gave its slot back.
     with pytest.raises(UpstreamUnreachable):
         await asyncio.wait_for(pool.acquire(), 2)
+
+
+def _answer_after(delays: list[float]) -> Callable[[RawRequest, socket.socket], None]:
+    # The nth request on the upstream is answered after delays[n] seconds.
+    def handle(request: RawRequest, connection: socket.socket) -> None:
+        time.sleep(delays.pop(0))
+        ok_handler(request, connection)
+
+    return handle
+
+
+async def _exchange_on(connection: Any, timeout: float) -> None:
+    connection.start_exchange(is_head=False)
+    connection.write(b"GET / HTTP/1.1\r\nHost: upstream\r\n\r\n")
+    await connection.read_head(timeout)
+    while not connection.is_message_complete:
+        await connection.read_body(timeout)
+
+
+async def test_connection_timeout_shorter_than_previous(start_upstream: Any) -> None:
+    upstream = start_upstream(_answer_after([0.0, 10.0]))
+    pool = ConnectionPool("127.0.0.1", upstream.port, None, 1, connect_timeout=1, pool_timeout=1)
+    connection, _ = await pool.acquire()
+
+    try:
+        await _exchange_on(connection, timeout=30)
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match=r"within 0\.3 s"):
+            await _exchange_on(connection, timeout=0.3)
+        elapsed = time.monotonic() - started
+    finally:
+        pool.release(connection, is_reusable=False)
+        await pool.close()
+
+    # The second wait ends at its own deadline, not at the first wait's.
+    assert elapsed < 5
+
+
+async def test_connection_timeout_longer_than_previous(start_upstream: Any) -> None:
+    upstream = start_upstream(_answer_after([0.0, 0.6]))
+    pool = ConnectionPool("127.0.0.1", upstream.port, None, 1, connect_timeout=1, pool_timeout=1)
+    connection, _ = await pool.acquire()
+
+    try:
+        await _exchange_on(connection, timeout=0.2)
+        # The timer armed for the first wait fires during this one and must not end it.
+        await _exchange_on(connection, timeout=5)
+    finally:
+        pool.release(connection, is_reusable=True)
+        await pool.close()
+
+    assert connection.status == 200

@@ -36,6 +36,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._is_writing_paused = False
         self._is_reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
+        # The wait in progress ends with UpstreamTimeout at `_deadline` (event loop time).
+        self._deadline = 0.0
+        self._awaited = ""
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._reset_response(is_head=False)
 
@@ -108,6 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Abort the connection: used when an exchange is abandoned midway."""
         self.is_closed = True
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -116,18 +122,40 @@ class UpstreamConnection(asyncio.Protocol):
             raise self._error
 
     async def _wait(self, timeout: float, awaited: str) -> None:
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiter = waiter
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire, waiter, awaited, timeout)
+        self._deadline = loop.time() + timeout
+        self._awaited = awaited
+        self._timeout = timeout
+        # One timer per connection, moved only when this wait ends before it
+        # fires, so a request does not arm and cancel a timer of its own.
+        if self._timer is None or self._deadline < self._timer.when():
+            self._arm_timer(loop)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _expire(self, waiter: asyncio.Future[None], awaited: str, timeout: float) -> None:
-        if not waiter.done():
-            waiter.set_exception(UpstreamTimeout(f"The upstream did not {awaited} within {timeout:g} s."))
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._cancel_timer()
+        self._timer = loop.call_at(self._deadline, self._check_deadline, loop)
+
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if loop.time() < self._deadline:
+            # A later wait moved the deadline since the timer was armed.
+            self._arm_timer(loop)
+            return
+        waiter.set_exception(UpstreamTimeout(f"The upstream did not {self._awaited} within {self._timeout:g} s."))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -159,6 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
+        self._cancel_timer()
         if self.is_head_complete and self._is_close_delimited and not self.is_message_complete:
             # A body without Content-Length or chunked framing ends when the connection does.
             self.is_message_complete = True
