@@ -74,6 +74,7 @@ def _run(
     for _ in range(rounds):
         for load in LOADS:
             for name, gateway in gateways.items():
+                measure.wait_until_quiet()
                 before = measure.process_tree_cpu_seconds(gateway.process.pid)
                 result = _load(stack, gateway, load, duration)
                 cpu = measure.process_tree_cpu_seconds(gateway.process.pid) - before

@@ -157,15 +157,11 @@ class GatewayApp:
 
         self.metrics.in_flight.inc()
         try:
-            await self.authenticate_and_forward(scope, receive, send)
+            identity = await self.admit(scope, send)
+            if identity is not REFUSED:
+                await self.forward(scope, receive, send, identity)
         finally:
             self.metrics.in_flight.dec()
-
-    async def authenticate_and_forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        identity = await self.admit(scope, send)
-        if identity is REFUSED:
-            return
-        await self.forward(scope, receive, send, identity)
 
     async def admit(
         self, scope: Scope, send: Send, store_unavailable: StoreFailureAnswer | None = None
@@ -216,11 +212,11 @@ class GatewayApp:
         except StoreUnavailable:
             self.metrics.authentications["store_unavailable"].inc()
             # Audited here, so that the auth_request endpoint's store failures are audited too.
-            self.audit.write(AuditOutcome.STORE_UNAVAILABLE, record.request_id, self.describe_request(scope))
+            self.write_audit(AuditOutcome.STORE_UNAVAILABLE, scope)
             raise
         self.metrics.authentications["success"].inc()
         record.identity = identity
-        self.audit.write(AuditOutcome.SUCCESS, record.request_id, self.describe_request(scope), identity)
+        self.write_audit(AuditOutcome.SUCCESS, scope, identity)
         self.usage.record(identity.token_id, _user_agent(headers), identity.user_agents)
         return identity
 
@@ -253,7 +249,7 @@ class GatewayApp:
 
     async def reject(self, scope: Scope, send: Send, reason: AuthFailureReason) -> None:
         record = _record(scope)
-        self.audit.write(AuditOutcome(reason.value), record.request_id, self.describe_request(scope))
+        self.write_audit(AuditOutcome(reason.value), scope)
         headers = [*unauthorized_headers(reason, self.config.auth.header), *_closing_headers(scope)]
         if reason is AuthFailureReason.THROTTLED and record.client is not None:
             retry_after = math.ceil(self.failed_lookups.retry_after(record.client))
@@ -262,9 +258,14 @@ class GatewayApp:
         await send_error(send, 401, reason.message, headers)
 
     async def forbid(self, scope: Scope, send: Send, identity: Identity) -> None:
-        self.audit.write(AuditOutcome.FORBIDDEN, _record(scope).request_id, self.describe_request(scope), identity)
+        self.write_audit(AuditOutcome.FORBIDDEN, scope, identity)
         self.metrics.requests["forbidden"].inc()
         await send_error(send, 403, FORBIDDEN_MESSAGE, _closing_headers(scope))
+
+    def write_audit(self, outcome: AuditOutcome, scope: Scope, identity: Identity | None = None) -> None:
+        # Describing the request reads the forwarding headers, so it waits until a line is written.
+        if self.audit.is_writing():
+            self.audit.write(outcome, _record(scope).request_id, self.describe_request(scope), identity)
 
     def describe_request(self, scope: Scope) -> tuple[str, str, str]:
         """Return the client address, method and path for log lines, as trusted proxies report them."""

@@ -39,6 +39,10 @@ class AuditLog:
     def __init__(self, is_enabled: bool) -> None:
         self.is_enabled = is_enabled
 
+    def is_writing(self) -> bool:
+        """Tell whether `write` writes lines: the audit log is on and its logger takes INFO."""
+        return self.is_enabled and audit_logger.isEnabledFor(logging.INFO)
+
     def write(
         self,
         outcome: AuditOutcome,
@@ -47,7 +51,7 @@ class AuditLog:
         identity: Identity | None = None,
     ) -> None:
         """Write one line; `described` is the client address, method and path of the request."""
-        if not self.is_enabled or not audit_logger.isEnabledFor(logging.INFO):
+        if not self.is_writing():
             return
         client, method, path = described
         fields = {

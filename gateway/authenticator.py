@@ -123,7 +123,11 @@ class Authenticator:
             raise AuthenticationFailed(AuthFailureReason.INVALID)
         cache_key = self._hash_with_first_secret(key)
 
-        cached = self.positive.get(cache_key)
+        try:
+            # Indexing looks the key up once, where `get` checks for it first.
+            cached: _CachedIdentity | None = self.positive[cache_key]
+        except KeyError:
+            cached = None
         if cached is not None:
             if cached.identity.has_expired(self.clock()):
                 raise AuthenticationFailed(AuthFailureReason.EXPIRED)
