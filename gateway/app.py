@@ -97,6 +97,7 @@ class GatewayApp:
             config.auth.user_header, config.auth.header, config.upstream.forward_api_key, self.trusted_proxies
         )
         self.key_header = config.auth.header.lower().encode()
+        self.forward_api_key = config.upstream.forward_api_key
         self.max_header_bytes = config.server.max_header_bytes
         self.require_key = config.auth.require_key
 
@@ -299,7 +300,7 @@ class GatewayApp:
             client[0] if client else None,
             scope.get("scheme", "http"),
             identity.user_id if identity else None,
-            read_key_header(scope["headers"], self.key_header) if identity else None,
+            read_key_header(scope["headers"], self.key_header) if identity and self.forward_api_key else None,
         )
         headers = self.access_log.upstream_headers(headers, record)
         record.start_upstream()

@@ -96,9 +96,13 @@ class UpstreamProxy:
         self.observe_latency(time.perf_counter() - started)
         is_reusable = False
         try:
-            await self._send_response_head(connection, send)
+            await send(self._response_start(connection))
             if scope["method"] == "HEAD" or connection.status in _BODYLESS_STATUSES:
                 await send({"type": "http.response.body", "body": b""})
+                is_complete = True
+            elif connection.is_message_complete:
+                # The whole body came with the head, as small responses do: one send.
+                await send({"type": "http.response.body", "body": connection.take_body()})
                 is_complete = True
             else:
                 is_complete = await self._stream_response_body(scope, connection, receive, send, body)
@@ -110,7 +114,9 @@ class UpstreamProxy:
     async def _send_request(self, scope: Scope, headers: Headers, body: RequestBody | None) -> UpstreamConnection:
         head = self._request_head(scope, headers, body)
         is_head = scope["method"] == "HEAD"
-        connection, is_reused = await self.pool.acquire()
+        connection, is_reused = self.pool.take_idle(), True
+        if connection is None:
+            connection, is_reused = await self.pool.acquire()
         try:
             await self._exchange(connection, head, body, is_head)
         except UpstreamUnreachable as exc:
@@ -170,7 +176,7 @@ class UpstreamProxy:
         if pending_head:
             connection.write(pending_head)
 
-    async def _send_response_head(self, connection: UpstreamConnection, send: Send) -> None:
+    def _response_start(self, connection: UpstreamConnection) -> dict[str, Any]:
         headers = response_headers(connection.raw_headers)
         if connection.status == 304:
             # RFC 9110 section 8.6 lets a 304 carry the Content-Length of the
@@ -178,7 +184,7 @@ class UpstreamProxy:
             # body bytes and fails the response. The header says nothing
             # about the empty 304 body, so it is dropped.
             headers = [(name, value) for name, value in headers if name != b"content-length"]
-        await send({"type": "http.response.start", "status": connection.status, "headers": headers})
+        return {"type": "http.response.start", "status": connection.status, "headers": headers}
 
     async def _stream_response_body(
         self, scope: Scope, connection: UpstreamConnection, receive: Receive, send: Send, body: RequestBody | None

@@ -95,6 +95,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._raise_error()
             await self._wait(timeout, "send the response body")
 
+        return self.take_body()
+
+    def take_body(self) -> bytes:
+        """Return the body bytes received so far (maybe none) without waiting."""
         chunks = self._body_chunks
         self._body_chunks = []
         self._buffered_bytes = 0

@@ -48,11 +48,10 @@ class ConnectionPool:
         when no connection frees up within the pool timeout or the connect
         timeout passes, `UpstreamUnreachable` when the connection fails.
         """
-        while self._idle and not is_new_required:
-            connection = self._idle.pop()
-            if not connection.is_closed:
+        if not is_new_required:
+            connection = self.take_idle()
+            if connection is not None:
                 return connection, True
-            self._count -= 1
 
         if self._count >= self.max_connections:
             handed = await self._wait_for_connection()
@@ -68,6 +67,15 @@ class ConnectionPool:
         except BaseException:
             self._forget_one()
             raise
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """Return the most recently used idle connection that is still open, or None; never waits."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_closed:
+                return connection
+            self._count -= 1
+        return None
 
     def release(self, connection: UpstreamConnection, is_reusable: bool) -> None:
         """Take a connection back: kept for reuse when `is_reusable`, else closed."""
