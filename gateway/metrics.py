@@ -2,8 +2,16 @@
 
 Each `GatewayMetrics` has its own registry, so several applications in one
 process (the tests start many) never share counters. Labelled children are
-created once here, so the request path pays a dictionary lookup and a locked
-addition per metric, never a label resolution.
+created once here, so the request path pays a dictionary lookup and an
+unlocked addition per metric, never a label resolution.
+
+The children come from `gateway.loop_metrics` and take no lock, because
+every update runs on the worker's one event-loop thread. The ASGI handlers,
+the revocation watcher and the token rehasher are coroutines on that loop, and
+the proxy calls the upstream latency callback from its own coroutine. A metric
+updated from another thread would need prometheus_client's locked children.
+`render()` prints the same text that prometheus_client's `Counter`, `Gauge`
+and `Histogram` printed for these metrics.
 
 NOTE: with `server.workers` above 1, every worker keeps its own registry and a
 scrape reads the worker that accepted the connection. prometheus-client's
@@ -14,10 +22,11 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.errors import AuthFailureReason
+from gateway.loop_metrics import CounterMetric, GaugeMetric, HistogramMetric, LoopCollector
 
 # The closed set of request outcomes counted by `gateway_requests_total`.
 REQUEST_OUTCOMES = (
@@ -51,46 +60,63 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
+        collector = LoopCollector()
 
-        requests = Counter("gateway_requests", "Requests handled, by outcome.", ["outcome"], registry=registry)
-        self.requests = {outcome: requests.labels(outcome) for outcome in REQUEST_OUTCOMES}
-        authentications = Counter(
-            "gateway_authentications", "Requests that carried a key, by result.", ["result"], registry=registry
-        )
-        self.authentications = {result: authentications.labels(result) for result in AUTHENTICATION_RESULTS}
-        cache = Counter(
-            "gateway_cache_lookups", "Authentication cache lookups, by result.", ["result"], registry=registry
-        )
-        self.cache = {result: cache.labels(result) for result in CACHE_RESULTS}
+        self.requests = collector.add(
+            CounterMetric("gateway_requests", "Requests handled, by outcome.", "outcome", REQUEST_OUTCOMES)
+        ).labelled()
+        self.authentications = collector.add(
+            CounterMetric(
+                "gateway_authentications",
+                "Requests that carried a key, by result.",
+                "result",
+                AUTHENTICATION_RESULTS,
+            )
+        ).labelled()
+        self.cache = collector.add(
+            CounterMetric(
+                "gateway_cache_lookups",
+                "Authentication cache lookups, by result.",
+                "result",
+                CACHE_RESULTS,
+            )
+        ).labelled()
 
-        store_duration = Histogram(
-            "gateway_store_request_duration_seconds",
-            "Duration of token store operations, failed ones included.",
-            ["operation"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.store_duration = {operation: store_duration.labels(operation) for operation in STORE_OPERATIONS}
-        self.upstream_duration = Histogram(
-            "gateway_upstream_response_duration_seconds",
-            "Time from sending a request upstream to its response headers.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being handled now.", registry=registry)
+        self.store_duration = collector.add(
+            HistogramMetric(
+                "gateway_store_request_duration_seconds",
+                "Duration of token store operations, failed ones included.",
+                LATENCY_BUCKETS,
+                "operation",
+                STORE_OPERATIONS,
+            )
+        ).labelled()
+        self.upstream_duration = collector.add(
+            HistogramMetric(
+                "gateway_upstream_response_duration_seconds",
+                "Time from sending a request upstream to its response headers.",
+                LATENCY_BUCKETS,
+            )
+        ).unlabelled()
+        self.in_flight = collector.add(
+            GaugeMetric("gateway_requests_in_flight", "Requests being handled now.")
+        ).unlabelled()
 
-        self.revocation_lag = Histogram(
-            "gateway_revocation_lag_seconds",
-            "Time from a token change in the store (its wallTime) to its eviction from this process's cache.",
-            buckets=REVOCATION_LAG_BUCKETS,
-            registry=registry,
-        )
-        self.change_stream_active = Gauge(
-            "gateway_change_stream_active",
-            "1 while a change stream on the token collection is open, else 0 (revocations then wait for the TTL).",
-            registry=registry,
-        )
+        self.revocation_lag = collector.add(
+            HistogramMetric(
+                "gateway_revocation_lag_seconds",
+                "Time from a token change in the store (its wallTime) to its eviction from this process's cache.",
+                REVOCATION_LAG_BUCKETS,
+            )
+        ).unlabelled()
+        self.change_stream_active = collector.add(
+            GaugeMetric(
+                "gateway_change_stream_active",
+                "1 while a change stream on the token collection is open, else 0 (revocations then wait for the TTL).",
+            )
+        ).unlabelled()
+
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         """Return every metric in the Prometheus text exposition format."""
