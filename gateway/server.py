@@ -13,6 +13,7 @@ import os
 import uvicorn
 
 from gateway.app import GatewayApp
+from gateway.coalescing import CoalescingHttpToolsProtocol
 from gateway.config import Config, load_config, mask_password
 from gateway.logs import configure_logging
 
@@ -74,7 +75,9 @@ def _run_uvicorn(config: Config, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        # httptools, sending each small response in one socket write
+        # (gateway/coalescing.py). Spawned workers unpickle the class by name.
+        http=CoalescingHttpToolsProtocol,
         lifespan="on",
         # The gateway decides itself which peers may set forwarding headers.
         proxy_headers=False,

@@ -20,6 +20,7 @@ from bson import ObjectId
 from pymongo import monitoring
 
 from gateway.app import GatewayApp
+from gateway.coalescing import CoalescingHttpToolsProtocol
 from gateway.config import Config, load_config
 from gateway.embedded import EmbeddedStore
 from gateway.tokens import display_prefix, generate_token, hash_token
@@ -132,6 +133,8 @@ def start_gateway() -> Iterator[Callable[[Config], RunningGateway]]:
     def start(config: Config, **server_options: Any) -> RunningGateway:
         counter = CommandCounter()
         app = GatewayApp(config, event_listeners=[counter])
+        # As in production: uvicorn's httptools protocol writing through gateway.coalescing.
+        server_options.setdefault("http", CoalescingHttpToolsProtocol)
         server = ThreadedServer(app, **server_options).start()
         gateway = RunningGateway(app, server, counter)
         started.append(gateway)

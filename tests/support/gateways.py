@@ -13,6 +13,7 @@ from bson import ObjectId
 from pymongo import monitoring
 
 from gateway.app import GatewayApp
+from gateway.coalescing import CoalescingHttpToolsProtocol
 from gateway.config import load_config
 from gateway.tokens import display_prefix, generate_token, hash_token
 from tests.support.servers import ThreadedServer
@@ -82,7 +83,9 @@ def shared_gateway(mongodb_uri: str, http: str = "httptools", **environ: str) ->
     }
     lookups = LookupCounter()
     app = GatewayApp(load_config(None, values), event_listeners=[lookups])
-    server = ThreadedServer(app, http=http).start()
+    # As in production, the gateway's httptools protocol writes through gateway.coalescing.
+    protocol = CoalescingHttpToolsProtocol if http == "httptools" else http
+    server = ThreadedServer(app, http=protocol).start()
     try:
         yield SharedGateway(server, app, upstream, plaintext, user, lookups)
     finally:

@@ -1,0 +1,177 @@
+"""Join the small writes of one event-loop iteration into one socket write, under uvicorn.
+
+uvicorn 0.55's httptools protocol calls `transport.write` once for a
+response's status line and headers and once more for each body message, so
+a small response costs two `send` system calls. `CoalescingTransport` holds
+small writes and hands them to the real transport joined, either when a
+write would take the held bytes past `MAX_HELD_BYTES` or from a
+`loop.call_soon` callback, which runs once the code running now has yielded
+to the event loop. Bytes are never reordered.
+For a trivial ASGI app under uvicorn with uvloop and httptools, joining the
+two writes cut the CPU time per request from 24.8 to 21.7 us and raised the
+throughput from 40,000 to 45,600 requests/s (wrk -t1 -c32 -d3s, five
+alternating rounds, on the 2-core benchmark machine).
+
+`CoalescingHttpToolsProtocol` is uvicorn's httptools protocol with its
+transport wrapped; `gateway.server` passes it to uvicorn as the `http`
+protocol class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# Response heads and small bodies fit. Copying 16 KiB to join it with the next
+# write costs about a microsecond, less than the system call it saves.
+MAX_HELD_BYTES = 16 * 1024
+
+WritableData = bytes | bytearray | memoryview
+
+
+class CoalescingTransport(asyncio.Transport):
+    """A transport wrapper that sends the small writes of one loop iteration in one write.
+
+    A write is held while the bytes held stay within `MAX_HELD_BYTES`. The
+    held bytes go out, joined with the write that overflows the limit, in a
+    single `write` (or `writelines`, so that a large write is not copied),
+    or on their own from a `loop.call_soon` callback. A
+    large write with nothing held goes straight through. `close()` and
+    `write_eof()` send the held bytes first; `abort()` drops them, as it
+    drops the real transport's buffer. Held bytes are dropped silently when
+    the real transport is already closing, because it could no longer send
+    them. Every other method delegates to the real transport.
+    """
+
+    __slots__ = ("_held", "_held_size", "_is_flush_scheduled", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._is_flush_scheduled = False
+
+    # Writing.
+
+    def write(self, data: WritableData) -> None:
+        size = len(data)
+        if not size:
+            return
+
+        if self._held_size + size <= MAX_HELD_BYTES:
+            # bytes() copies a bytearray or memoryview that the caller may reuse.
+            self._held.append(bytes(data))
+            self._held_size += size
+            self._schedule_flush()
+            return
+
+        if not self._held:
+            self._transport.write(data)
+            return
+
+        pieces: list[WritableData] = [*self._take_held(), data]
+        if size <= MAX_HELD_BYTES:
+            self._transport.write(b"".join(pieces))
+        else:
+            self._transport.writelines(pieces)
+
+    def writelines(self, list_of_data: Iterable[WritableData]) -> None:
+        if not self._held:
+            self._transport.writelines(list_of_data)
+            return
+
+        pieces: list[WritableData] = [*self._take_held(), *list_of_data]
+        self._transport.writelines(pieces)
+
+    def flush(self) -> None:
+        """Send the held bytes now in one write, or drop them if the transport is closing."""
+        if not self._held:
+            return
+
+        pieces = self._take_held()
+        if self._transport.is_closing():
+            return
+        self._transport.write(b"".join(pieces))
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._held_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def _schedule_flush(self) -> None:
+        if not self._is_flush_scheduled:
+            self._is_flush_scheduled = True
+            self._loop.call_soon(self._run_scheduled_flush)
+
+    def _run_scheduled_flush(self) -> None:
+        self._is_flush_scheduled = False
+        self.flush()
+
+    def _take_held(self) -> list[bytes]:
+        pieces = self._held
+        self._held = []
+        self._held_size = 0
+        return pieces
+
+    # Closing.
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._take_held()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    # Everything else belongs to the real transport.
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol, writing through a `CoalescingTransport`.
+
+    Everything that uvicorn's protocol writes goes through the wrapper: response
+    heads and bodies, `100 Continue`, its own 400 and 500 responses, and, after
+    a WebSocket upgrade, the WebSocket protocol's frames, so their order holds.
+    Flow control is unchanged, because the real transport still calls this
+    protocol's `pause_writing` and `resume_writing`.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))
