@@ -104,6 +104,10 @@ class Peer(asyncio.Protocol):
         self.has_eof = False
         self.changed = asyncio.Event()
         self.lost = asyncio.Event()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.data += data
@@ -144,6 +148,16 @@ class Connection:
     def calls(self) -> list[tuple[Any, ...]]:
         return self.recording.calls
 
+    def abort(self) -> None:
+        self.recording.transport.abort()
+        if self.peer.transport is not None:
+            self.peer.transport.abort()
+
+
+# Connections of the running test, aborted after it even when it fails,
+# so a loop never closes with a socket still open.
+open_connections: list[Connection] = []
+
 
 async def connect() -> Connection:
     loop = asyncio.get_running_loop()
@@ -156,6 +170,7 @@ async def connect() -> Connection:
     recording = RecordingTransport(real)
     connection = Connection(CoalescingTransport(recording, loop), recording, peer)
     loop.set_exception_handler(lambda _, context: connection.errors.append(context))
+    open_connections.append(connection)
     return connection
 
 
@@ -163,9 +178,17 @@ async def connect() -> Connection:
 def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, None]]], None]:
     """Run a test coroutine on a fresh event loop of the parametrized kind."""
 
+    async def run_then_abort(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await asyncio.wait_for(test(), 10)
+        finally:
+            for connection in open_connections:
+                connection.abort()
+            open_connections.clear()
+
     def run_on_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[request.param]) as runner:
-            runner.run(asyncio.wait_for(test(), 10))
+            runner.run(run_then_abort(test))
 
     return run_on_loop
 
@@ -244,7 +267,7 @@ def test_transport_small_write_past_limit_sends_joined(run: Any) -> None:
     [
         # Small, large, small: held, sent with the large write, held again.
         [10, 100_000, 10],
-        # Exactly the limit is held; one more byte overflows it.
+        # Exactly the limit is held, and one more byte overflows it.
         [MAX_HELD_BYTES, 1, MAX_HELD_BYTES],
         # Many tiny writes, as a chatty streaming response makes.
         [1] * 200,
@@ -304,8 +327,10 @@ def test_transport_abort_drops_held_bytes(run: Any) -> None:
 
         connection.writer.write(b"never sent")
         connection.writer.abort()
+        buffer_size_after_abort = connection.writer.get_write_buffer_size()
         await asyncio.wait_for(connection.peer.lost.wait(), 5)
 
+        assert buffer_size_after_abort == 0
         assert connection.calls == [("abort",)]
         assert connection.peer.data == b""
         assert connection.errors == []
