@@ -85,19 +85,27 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_quiet(busy_fraction: float = 0.2, window: float = 0.3, timeout: float = 8.0) -> float:
-    """Wait until the machine's CPUs are busy less than `busy_fraction` of a `window`; return the seconds waited.
+def wait_until_quiet(
+    busy_fraction: float = 0.2, quiet_seconds: float = 1.0, window: float = 0.25, timeout: float = 15.0
+) -> float:
+    """Wait until the CPUs stay under `busy_fraction` busy for `quiet_seconds`; return the seconds waited.
 
-    Work left over from a row (the usage records a burst of new keys
-    leaves, flushed to the store each second) would otherwise slow the
-    next row. Gives up after `timeout` seconds on a machine other jobs keep busy.
+    Work left over from a row would otherwise slow the next one: after a
+    burst of new keys, the gateway flushes usage records each second and the
+    store works on them for a few seconds, with idle gaps of about half a
+    second in between. Gives up after `timeout` seconds on a machine that
+    other jobs keep busy.
     """
     started = time.monotonic()
+    quiet_since = started
     busy, total = _cpu_ticks()
     while time.monotonic() - started < timeout:
         time.sleep(window)
         new_busy, new_total = _cpu_ticks()
-        if new_total > total and (new_busy - busy) / (new_total - total) < busy_fraction:
+        now = time.monotonic()
+        if new_total > total and (new_busy - busy) / (new_total - total) >= busy_fraction:
+            quiet_since = now
+        elif now - quiet_since >= quiet_seconds:
             break
         busy, total = new_busy, new_total
     return time.monotonic() - started
