@@ -90,11 +90,23 @@ def response_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     Repeated headers such as `Set-Cookie` stay separate entries. A `Date`
     header is added when the upstream sent none.
     """
-    headers = [(name.lower(), value) for name, value in raw_headers]
-    connection_named = connection_named_headers(headers)
-    dropped = HOP_BY_HOP_HEADERS | connection_named if connection_named else HOP_BY_HOP_HEADERS
-    forwarded = [(name, value) for name, value in headers if name not in dropped]
-    if not any(name == b"date" for name, _ in forwarded):
+    forwarded: Headers = []
+    has_date = False
+    connection_values: list[bytes] = []
+    for name, value in raw_headers:
+        name = name.lower()
+        if name in HOP_BY_HOP_HEADERS:
+            if name == b"connection":
+                connection_values.append(value)
+            continue
+        has_date = has_date or name == b"date"
+        forwarded.append((name, value))
+    if connection_values:
+        # Rare: the upstream named more hop-by-hop headers in `Connection`.
+        named = connection_named_headers([(b"connection", value) for value in connection_values])
+        forwarded = [(name, value) for name, value in forwarded if name not in named]
+        has_date = any(name == b"date" for name, _ in forwarded)
+    if not has_date:
         forwarded.append((b"date", current_http_date()))
     return forwarded
 
