@@ -176,7 +176,51 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     a WebSocket upgrade, the WebSocket protocol's frames, so their order holds.
     Flow control is unchanged, because the real transport still calls this
     protocol's `pause_writing` and `resume_writing`.
+
+    The keep-alive timeout uses one timer per connection. uvicorn arms a
+    timer after each response and cancels it when the next request arrives.
+    Here the timer stays armed. When it fires before the connection has been
+    idle for the whole timeout, it is moved to the end of the current idle period. `on_response_complete` is
+    uvicorn 0.55's, apart from that timer, so pyproject.toml keeps uvicorn
+    below 0.56 until a newer one is checked against it.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The event loop time when the connection last went idle, or None while a request is in progress.
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn calls this when bytes arrive, a response completes or the connection closes.
+        self._idle_since = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(self._idle_since + self.timeout_keep_alive, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self._idle_since is None:
+            # Busy: the end of the current response arms the timer again.
+            return
+        deadline = self._idle_since + self.timeout_keep_alive
+        if self.loop.time() < deadline:
+            self._idle_timer = self.loop.call_at(deadline, self._check_idle)
+            return
+        self.timeout_keep_alive_handler()

@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
@@ -676,3 +677,25 @@ def test_serve_continue_matches_uvicorn(both_gateways: dict[str, int], seed_user
     assert answers["gateway serve"] == answers["httptools"]
     assert answers["gateway serve"].startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert answers["gateway serve"].endswith(b"\r\n\r\nbody")
+
+
+@pytest.mark.parametrize("server", ["httptools", "coalescing"])
+def test_protocol_keep_alive_timeout_counts_from_last_response(
+    scripted_servers: dict[str, ThreadedServer], server: str
+) -> None:
+    # The keep-alive timeout is 1 s. The second request comes 1.2 s after the
+    # first response, but only 0.6 s after the second one went idle.
+    with socket.create_connection(("127.0.0.1", scripted_servers[server].port), timeout=5) as connection:
+        statuses = []
+        for path in (b"/first", b"/second", b"/third"):
+            connection.sendall(request(b"GET", path))
+            statuses.append(read_response(connection)[0])
+            time.sleep(0.6)
+        started = time.monotonic()
+        closed_by_server = connection.recv(1) == b""
+        idle_seconds = time.monotonic() - started
+
+    assert statuses == [b"HTTP/1.1 200 OK"] * 3
+    assert closed_by_server
+    # Closed about 1 s after the last response, 0.6 s of which passed before recv.
+    assert idle_seconds < 3
