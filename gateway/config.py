@@ -141,6 +141,7 @@ class UpstreamConfig:
     stream_read_timeout_seconds: float = _setting(300.0, _positive)
     pool_timeout_seconds: float = _setting(5.0, _positive)
     max_connections: int = _setting(100, _positive)
+    idle_timeout_seconds: float = _setting(4.0, _positive)
     forward_api_key: bool = _setting(False)
 
 

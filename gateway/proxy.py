@@ -61,6 +61,7 @@ class UpstreamProxy:
             config.max_connections,
             config.connect_timeout_seconds,
             config.pool_timeout_seconds,
+            config.idle_timeout_seconds,
         )
 
     async def start(self) -> None:

@@ -257,3 +257,43 @@ async def test_connection_timeout_longer_than_previous(start_upstream: Any) -> N
         await pool.close()
 
     assert connection.status == 200
+
+
+async def test_pool_idle_connection_expires(start_upstream: Any) -> None:
+    upstream = start_upstream()
+    pool = ConnectionPool("127.0.0.1", upstream.port, None, 2, connect_timeout=1, pool_timeout=1, idle_timeout=0.2)
+
+    try:
+        first, _ = await pool.acquire()
+        pool.release(first, is_reusable=True)
+        await asyncio.sleep(0.4)
+        second, is_reused = await pool.acquire()
+        pool.release(second, is_reusable=True)
+    finally:
+        await pool.close()
+
+    assert second is not first
+    assert not is_reused
+    assert first.is_closed
+
+
+async def test_pool_oldest_idle_connection_expires_first(start_upstream: Any) -> None:
+    upstream = start_upstream()
+    pool = ConnectionPool("127.0.0.1", upstream.port, None, 2, connect_timeout=1, pool_timeout=1, idle_timeout=0.5)
+
+    try:
+        older, _ = await pool.acquire()
+        newer, _ = await pool.acquire()
+        pool.release(older, is_reusable=True)
+        await asyncio.sleep(0.3)
+        pool.release(newer, is_reusable=True)
+        await asyncio.sleep(0.3)
+        # The older connection has been idle 0.6 s, the newer one 0.3 s.
+        taken, is_reused = await pool.acquire()
+        pool.release(taken, is_reusable=True)
+    finally:
+        await pool.close()
+
+    assert taken is newer
+    assert is_reused
+    assert older.is_closed

@@ -3,7 +3,9 @@
 At most `max_connections` connections exist at once, idle or busy. A
 request that finds none free waits up to `pool_timeout` for one, then
 raises `UpstreamTimeout`. Connections are reused last-in first-out, so the
-warmest connection serves the next request and surplus ones go idle.
+warmest connection serves the next request and surplus ones go idle. A
+connection idle for longer than `idle_timeout` is closed instead of reused:
+when taking a connection and when one comes back, the oldest idle one is checked.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ConnectionPool:
         max_connections: int,
         connect_timeout: float,
         pool_timeout: float,
+        idle_timeout: float = 4.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -34,7 +37,9 @@ class ConnectionPool:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.pool_timeout = pool_timeout
-        self._idle: list[UpstreamConnection] = []
+        self.idle_timeout = idle_timeout
+        # Idle connections with the event loop time they went idle, the oldest first.
+        self._idle: list[tuple[UpstreamConnection, float]] = []
         self._count = 0
         # Each waiter receives an idle connection, or None when it may open one.
         self._waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = collections.deque()
@@ -70,8 +75,16 @@ class ConnectionPool:
 
     def take_idle(self) -> UpstreamConnection | None:
         """Return the most recently used idle connection that is still open, or None; never waits."""
+        if not self._idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        if now - self._idle[-1][1] > self.idle_timeout:
+            # Even the most recently used connection expired, so all of them did.
+            self._close_idle()
+            return None
+        self._close_expired(now)
         while self._idle:
-            connection = self._idle.pop()
+            connection, _ = self._idle.pop()
             if not connection.is_closed:
                 return connection
             self._count -= 1
@@ -88,15 +101,27 @@ class ConnectionPool:
             if not waiter.done():
                 waiter.set_result(connection)
                 return
-        self._idle.append(connection)
+        now = asyncio.get_running_loop().time()
+        self._close_expired(now)
+        self._idle.append((connection, now))
 
     async def close(self) -> None:
         """Close the idle connections; busy ones are closed when released."""
         self._is_closed = True
-        for connection in self._idle:
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        for connection, _ in self._idle:
             connection.close()
         self._count -= len(self._idle)
         self._idle.clear()
+
+    def _close_expired(self, now: float) -> None:
+        # The oldest idle connection is first. Only it is checked, so each call costs one comparison.
+        if self._idle and now - self._idle[0][1] > self.idle_timeout:
+            connection, _ = self._idle.pop(0)
+            connection.close()
+            self._count -= 1
 
     def _forget_one(self) -> None:
         # A connection slot is free again: a waiter may open a new connection.
