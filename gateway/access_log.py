@@ -78,12 +78,6 @@ class AccessLog:
             request_id = os.urandom(REQUEST_ID_BYTES).hex().encode()
         return RequestRecord(request_id, scope["method"], printable_path(scope), client)
 
-    def upstream_headers(self, headers: list[tuple[bytes, bytes]], record: RequestRecord) -> list[tuple[bytes, bytes]]:
-        """Return `headers` with the record's request id in place of any client copy."""
-        kept = [(name, value) for name, value in headers if name != self.header]
-        kept.append((self.header, record.request_id))
-        return kept
-
     def wrap_send(self, send: Send, record: RequestRecord) -> Send:
         """Return a `send` that notes the status and timings and returns the request id."""
 

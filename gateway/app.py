@@ -94,7 +94,11 @@ class GatewayApp:
         self.metrics_readers = TrustedProxies(config.logging.metrics_allowed_networks)
         self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
         self.header_policy = RequestHeaderPolicy(
-            config.auth.user_header, config.auth.header, config.upstream.forward_api_key, self.trusted_proxies
+            config.auth.user_header,
+            config.auth.header,
+            config.upstream.forward_api_key,
+            self.trusted_proxies,
+            config.logging.request_id_header,
         )
         self.key_header = config.auth.header.lower().encode()
         self.forward_api_key = config.upstream.forward_api_key
@@ -301,8 +305,8 @@ class GatewayApp:
             scope.get("scheme", "http"),
             identity.user_id if identity else None,
             read_key_header(scope["headers"], self.key_header) if identity and self.forward_api_key else None,
+            record.request_id,
         )
-        headers = self.access_log.upstream_headers(headers, record)
         record.start_upstream()
         try:
             is_complete = await self.upstream.forward(scope, receive, send, headers)

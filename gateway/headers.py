@@ -132,8 +132,10 @@ class RequestHeaderPolicy:
         key_header: str,
         forward_api_key: bool,
         trusted_proxies: TrustedProxies,
+        request_id_header: str | None = None,
     ) -> None:
         self.user_header = user_header.lower().encode()
+        self.request_id_header = request_id_header.lower().encode() if request_id_header else None
         self.key_header = key_header.lower().encode()
         self.forward_api_key = forward_api_key
         self.trusted_proxies = trusted_proxies
@@ -144,6 +146,9 @@ class RequestHeaderPolicy:
         self._folded_names: dict[bytes, bytes] = {}
         # The gateway answers `Expect: 100-continue` itself when it reads the body.
         self._dropped_exact = HOP_BY_HOP_HEADERS | {b"host", b"expect"}
+        if self.request_id_header is not None:
+            # The gateway sends its own request id instead of the client's copies.
+            self._dropped_exact |= {self.request_id_header}
 
     def rewrite(
         self,
@@ -152,8 +157,9 @@ class RequestHeaderPolicy:
         scheme: str,
         user_id: str | None,
         api_key: bytes | None,
+        request_id: bytes | None = None,
     ) -> Headers:
-        """Return the headers to send upstream for one request."""
+        """Return the headers to send upstream for one request, with `request_id` when given."""
         is_trusted_peer = client_address in self.trusted_proxies
         connection_named = connection_named_headers(headers)
         dropped_exact = self._dropped_exact | connection_named if connection_named else self._dropped_exact
@@ -182,6 +188,8 @@ class RequestHeaderPolicy:
             forwarded.append((self.user_header, user_id.encode()))
         if api_key is not None and self.forward_api_key:
             forwarded.append((self.key_header, api_key))
+        if request_id is not None and self.request_id_header is not None:
+            forwarded.append((self.request_id_header, request_id))
         return forwarded
 
     def _fold(self, name: bytes) -> bytes:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import time
 from typing import Any
 
 from gateway.errors import StoreUnavailable
@@ -28,7 +29,7 @@ STOP_GRACE_SECONDS = 5.0
 
 @dataclasses.dataclass
 class _Usage:
-    last_used_at: datetime.datetime
+    last_used_at: float  # a POSIX timestamp, made a datetime when written
     user_agents: set[str]
 
 
@@ -44,7 +45,7 @@ class UsageRecorder:
 
     def record(self, token_id: Any, user_agent: str | None, known_user_agents: frozenset[str]) -> None:
         """Note one successful use of `token_id` now, in memory only: no store I/O on the request path."""
-        now = datetime.datetime.now(datetime.UTC)
+        now = time.time()
         usage = self._pending.get(token_id)
         if usage is None:
             usage = self._pending[token_id] = _Usage(now, set())
@@ -79,7 +80,10 @@ class UsageRecorder:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
-        records = [(token_id, usage.last_used_at, sorted(usage.user_agents)) for token_id, usage in batch.items()]
+        records = [
+            (token_id, datetime.datetime.fromtimestamp(usage.last_used_at, datetime.UTC), sorted(usage.user_agents))
+            for token_id, usage in batch.items()
+        ]
         try:
             await self.store.record_usage(records)
         except StoreUnavailable as exc:

@@ -47,3 +47,13 @@ def test_rewrite_drops_long_spoofed_name_variant() -> None:
         b"x-forwarded-proto",
         b"x-forwarded-host",
     ]
+
+
+def test_rewrite_replaces_client_request_ids() -> None:
+    policy = RequestHeaderPolicy("X-Authenticated-User", "X-API-KEY", False, TrustedProxies([]), "X-Request-ID")
+    headers = [(b"X-Request-ID", b"from-client"), (b"x-request-id", b"again"), (b"accept", b"*/*")]
+
+    rewritten = policy.rewrite(headers, "127.0.0.1", "http", "user-1", None, b"gateway-id")
+
+    assert [value for name, value in rewritten if name == b"x-request-id"] == [b"gateway-id"]
+    assert rewritten[-1] == (b"x-request-id", b"gateway-id")
