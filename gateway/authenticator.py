@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from cachetools import TLRUCache, TTLCache
+from cachetools import TTLCache
 from pymongo.errors import DuplicateKeyError
 
 from gateway.config import CacheConfig
@@ -35,6 +35,7 @@ from gateway.errors import AuthenticationFailed, AuthFailureReason, StoreUnavail
 from gateway.legacy_keys import LegacyKeyStore, migrated_token
 from gateway.limiter import FailedLookupLimiter
 from gateway.metrics import GatewayMetrics, StoreTimer
+from gateway.owner_cache import OwnerIndexedCache
 from gateway.rotation import TokenRehasher
 from gateway.store import OWNER_FIELD, TokenStore, is_usable_user_id
 from gateway.tokens import hash_token, is_well_formed_key, token_hasher
@@ -103,7 +104,10 @@ class Authenticator:
         self.metrics = metrics or GatewayMetrics()
         self.rehasher = TokenRehasher(store, self.metrics)
         self.check_users = store.users is not None
-        self.positive: TLRUCache[str, _CachedIdentity] = TLRUCache(cache_config.max_entries, self._positive_ttu)
+        # Indexed by user id so that a deactivated user's keys can be dropped at once.
+        self.positive: OwnerIndexedCache[_CachedIdentity] = OwnerIndexedCache(
+            cache_config.max_entries, self._positive_ttu, _owner_of
+        )
         self.negative: TTLCache[str, AuthFailureReason] = TTLCache(
             cache_config.negative_max_entries, cache_config.negative_ttl_seconds
         )
@@ -163,6 +167,16 @@ class Authenticator:
         for cache_key in stale:
             self.positive.pop(cache_key, None)
         return len(stale)
+
+    def evict_user(self, user_id: str) -> int:
+        """Drop every cached identity of the user `user_id`; return how many were dropped.
+
+        NOTE: rejected keys stay in the negative cache, so a key rejected
+        while its owner was inactive stays rejected for up to
+        `cache.negative_ttl_seconds` after the owner is reactivated.
+        """
+        self._evictions += 1
+        return self.positive.pop_owner(user_id)
 
     def cache_identity(self, cache_key: str, identity: Identity) -> None:
         """Cache `identity` as the answer for `cache_key`, fresh for `cache.ttl_seconds`."""
@@ -295,6 +309,10 @@ class Authenticator:
 def _is_active_owner(owners: list[dict[str, Any]]) -> bool:
     # udata treats a user as active only when `active` is true and `deleted` unset.
     return bool(owners) and owners[0].get("active") is True and owners[0].get("deleted") is None
+
+
+def _owner_of(cached: _CachedIdentity) -> str:
+    return cached.identity.user_id
 
 
 def _identity_from(document: dict[str, Any]) -> Identity:
