@@ -44,7 +44,7 @@ from gateway.responses import (
 from gateway.store import TokenStore
 from gateway.token_manager import TokenManager
 from gateway.usage import UsageRecorder
-from gateway.watcher import RevocationWatcher
+from gateway.watcher import RevocationWatcher, UserWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,11 @@ class GatewayApp:
             metrics=self.metrics,
         )
         self.watcher: RevocationWatcher | None = None
+        self.user_watcher: UserWatcher | None = None
         if config.store.watch_changes:
             self.watcher = RevocationWatcher(self.store.tokens, self.authenticator, self.metrics)
+        if config.store.watch_changes and self.store.users is not None:
+            self.user_watcher = UserWatcher(self.store.users, self.authenticator, self.metrics)
         self.access_log = AccessLog(config.logging)
         self.audit = AuditLog(config.logging.audit_log)
         self.usage = UsageRecorder(self.store, config.management.usage_flush_seconds)
@@ -382,11 +385,15 @@ class GatewayApp:
         self.usage.start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.user_watcher is not None:
+            self.user_watcher.start()
         logger.info("The gateway is ready: upstream %s.", mask_password(self.config.upstream.url) or "(none)")
 
     async def shutdown(self) -> None:
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.user_watcher is not None:
+            await self.user_watcher.stop()
         await self.authenticator.rehasher.drain(self.config.store.timeout_seconds)
         await self.usage.stop()
         if self.upstream is not None:

@@ -49,6 +49,8 @@ AUTHENTICATION_RESULTS = (
 # its TTL because the store lookup failed (stale-if-error).
 CACHE_RESULTS = ("hit", "negative_hit", "miss", "stale")
 STORE_OPERATIONS = ("find_token", "rehash_token")
+# The collections the gateway follows with change streams: `api_token` and the users collection.
+CHANGE_STREAMS = ("tokens", "users")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REVOCATION_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -105,16 +107,22 @@ class GatewayMetrics:
         self.revocation_lag = collector.add(
             HistogramMetric(
                 "gateway_revocation_lag_seconds",
-                "Time from a token change in the store (its wallTime) to its eviction from this process's cache.",
+                "Time from a token or user change in the store (its wallTime) to its eviction from this process's "
+                "cache, by change stream.",
                 REVOCATION_LAG_BUCKETS,
+                "stream",
+                CHANGE_STREAMS,
             )
-        ).unlabelled()
+        ).labelled()
         self.change_stream_active = collector.add(
             GaugeMetric(
                 "gateway_change_stream_active",
-                "1 while a change stream on the token collection is open, else 0 (revocations then wait for the TTL).",
+                "1 while the change stream on the token or users collection is open, else 0 (its changes then "
+                "wait for the TTL).",
+                "stream",
+                CHANGE_STREAMS,
             )
-        ).unlabelled()
+        ).labelled()
 
         self.registry.register(collector)
 

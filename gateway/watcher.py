@@ -1,15 +1,21 @@
-"""Evict changed tokens from the cache as soon as the store reports the change.
+"""Evict changed tokens and users from the cache as soon as the store reports the change.
 
 A change stream on the token collection reports every update, replacement
 and deletion, and the token's cache entries are dropped at once. So a
 revocation made through any process, or directly in the database, is
-refused here within the stream's delivery time instead of `cache.ttl_seconds`.
+rejected here within the stream's delivery time instead of `cache.ttl_seconds`.
 Inserts drop the negative answer cached for the new hash, so a token created
 elsewhere works here at once.
 
-When the stream fails, the watcher resumes after the last event it saw,
+A second change stream, on the users collection, drops every cached key of a
+user whose `active` or `deleted` field changed, whose document was replaced,
+or who was deleted. So a deactivated or deleted user's keys are rejected
+within the same delivery time. Inserts and changes to other user fields
+(`last_login_at`) leave the cache alone.
+
+Both streams share one follower: when a stream fails, the watcher resumes after the last event it saw,
 retrying with exponential backoff; while it is down, the cache TTL bounds
-revocations. A store without change streams (a MongoDB server that is not a
+revocations and deactivations. A store without change streams (a MongoDB server that is not a
 replica set) is reported once, and the TTL stays the bound.
 """
 
@@ -20,7 +26,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
@@ -37,25 +43,39 @@ UNSUPPORTED_CODES = frozenset({40573, 40324, 115})
 # Fields the gateway itself writes on every use; a change to them alone
 # changes nothing about whether the token authenticates.
 USAGE_FIELDS = frozenset({"last_used_at", "user_agents"})
-WATCHED_OPERATIONS = ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"]
+# The user fields that udata's "Inactive user" check reads.
+USER_STATUS_FIELDS = frozenset({"active", "deleted"})
+# Events on the whole collection: each clears the cache.
+COLLECTION_OPERATIONS = ("drop", "rename", "dropDatabase", "invalidate")
+DOCUMENT_OPERATIONS = ("update", "replace", "delete")
 INITIAL_BACKOFF_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 5.0
 STOP_TIMEOUT_SECONDS = 5.0
 
 
-class RevocationWatcher:
-    """Follow the token collection's change stream and evict changed tokens from `authenticator`."""
+class ChangeStreamWatcher:
+    """Follow one collection's change stream and apply each change to `authenticator`'s caches.
+
+    Subclasses set `stream` (the metrics label), `operations` (the event
+    types to receive) and `subject` (what the log lines call the changes),
+    and implement `apply`.
+    """
+
+    stream: ClassVar[str]
+    operations: ClassVar[tuple[str, ...]]
+    subject: ClassVar[str]
 
     def __init__(
         self,
-        tokens: AsyncCollection[dict[str, Any]],
+        collection: AsyncCollection[dict[str, Any]],
         authenticator: Authenticator,
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.tokens = tokens
+        self.collection = collection
         self.authenticator = authenticator
-        self.metrics = metrics
+        self.active_gauge = metrics.change_stream_active[self.stream]
+        self.lag = metrics.revocation_lag[self.stream]
         self.clock = clock
         self.resume_token: Mapping[str, Any] | None = None
         self.is_supported = True
@@ -64,7 +84,7 @@ class RevocationWatcher:
         self._failures = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="revocation-watcher")
+        self._task = asyncio.create_task(self._run(), name=f"{self.stream}-watcher")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -72,7 +92,7 @@ class RevocationWatcher:
             # Bounded: pymongo 4.20 was seen to swallow a cancellation while the server was down.
             await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_SECONDS)
             self._task = None
-        self.metrics.change_stream_active.set(0)
+        self.active_gauge.set(0)
 
     async def _run(self) -> None:
         backoff = INITIAL_BACKOFF_SECONDS
@@ -95,9 +115,9 @@ class RevocationWatcher:
     async def _follow(self) -> None:
         stream = await self._open()
         self.opened.set()
-        self.metrics.change_stream_active.set(1)
+        self.active_gauge.set(1)
         if self._failures:
-            logger.info("The change stream on %s resumed after %d failure(s).", self.tokens.name, self._failures)
+            logger.info("The change stream on %s resumed after %d failure(s).", self.collection.name, self._failures)
             self._failures = 0
         try:
             # try_next, not `async for`: pymongo 4.20 bounds a whole `async for`
@@ -109,21 +129,21 @@ class RevocationWatcher:
                 if change is not None:
                     self.apply(change)
         finally:
-            self.metrics.change_stream_active.set(0)
+            self.active_gauge.set(0)
             await stream.close()
 
     def _max_await_time_ms(self) -> int | None:
         # A getMore waits up to maxAwaitTimeMS for a change (MongoDB waits 1 s
         # when it is unset), and that wait must end within the client's timeoutMS.
-        timeout = self.tokens.database.client.options.timeout
+        timeout = self.collection.database.client.options.timeout
         return None if timeout is None else max(1, int(timeout * 1000 / 2))
 
     async def _open(self) -> Any:
-        pipeline = [{"$match": {"operationType": {"$in": WATCHED_OPERATIONS}}}]
+        pipeline = [{"$match": {"operationType": {"$in": list(self.operations)}}}]
         max_await_time_ms = self._max_await_time_ms()
         if self.resume_token is not None:
             try:
-                return await self.tokens.watch(
+                return await self.collection.watch(
                     pipeline, resume_after=self.resume_token, max_await_time_ms=max_await_time_ms
                 )
             except OperationFailure as exc:
@@ -132,16 +152,77 @@ class RevocationWatcher:
                 # Usually 286 (ChangeStreamHistoryLost): the events since the
                 # token are gone, so the stream restarts from now instead.
                 logger.warning(
-                    "The change stream on %s cannot resume (code %s); it restarts and the token cache is cleared.",
-                    self.tokens.name,
+                    "The change stream on %s cannot resume (code %s); it restarts and the key cache is cleared.",
+                    self.collection.name,
                     exc.code,
                 )
-        stream = await self.tokens.watch(pipeline, max_await_time_ms=max_await_time_ms)
+        stream = await self.collection.watch(pipeline, max_await_time_ms=max_await_time_ms)
         # Entries cached before the stream started may have missed a change.
         self.authenticator.clear()
         self.resume_token = stream.resume_token
-        logger.info("Watching %s for token changes: revocations evict cached tokens at once.", self.tokens.name)
+        logger.info("Watching %s for %s: they evict cached keys at once.", self.collection.name, self.subject)
         return stream
+
+    def apply(self, change: Mapping[str, Any]) -> None:
+        """Update the cache for one change event."""
+        raise NotImplementedError
+
+    def clear_for(self, operation: str) -> None:
+        """Clear the cache for an event on the whole collection (drop, rename, dropDatabase, invalidate)."""
+        self.authenticator.clear()
+        if operation == "invalidate":
+            # An invalidated stream ends and cannot be resumed; the next one starts from now.
+            self.resume_token = None
+        logger.warning("A %s event on %s cleared the key cache.", operation, self.collection.name)
+
+    def record_lag(self, change: Mapping[str, Any], operation: str, evicted: int) -> None:
+        """Observe the time from the change's write to now, and log the eviction if anything was evicted."""
+        written_at = _write_time(change)
+        if written_at is None:
+            return
+        # Clocks of the store and the gateway may differ slightly; a negative lag is clock skew.
+        lag = max(0.0, self.clock() - written_at)
+        self.lag.observe(lag)
+        if evicted:
+            document_id = change.get("documentKey", {}).get("_id")
+            logger.info(
+                "Evicted %d cached key(s) after %s in %s (%s) %.3f s after the write.",
+                evicted,
+                document_id,
+                self.collection.name,
+                operation,
+                lag,
+            )
+
+    def _note_failure(self, error: PyMongoError, backoff: float) -> None:
+        self._failures += 1
+        # The first failure of an outage is a warning; its repeats are debug lines.
+        log = logger.warning if self._failures == 1 else logger.debug
+        log(
+            "The change stream on %s failed (%s); retrying in %.1f s, until then the cache TTL bounds revocations.",
+            self.collection.name,
+            type(error).__name__,
+            backoff,
+        )
+
+    def _give_up(self, error: OperationFailure) -> None:
+        self.is_supported = False
+        self.active_gauge.set(0)
+        logger.warning(
+            "The store does not support change streams (code %s): %s in %s reach this process "
+            "within cache.ttl_seconds.",
+            error.code,
+            self.subject,
+            self.collection.name,
+        )
+
+
+class RevocationWatcher(ChangeStreamWatcher):
+    """Follow the token collection's change stream and evict changed tokens from the cache."""
+
+    stream = "tokens"
+    operations = ("insert", *DOCUMENT_OPERATIONS, *COLLECTION_OPERATIONS)
+    subject = "token changes"
 
     def apply(self, change: Mapping[str, Any]) -> None:
         """Update the cache for one change event."""
@@ -151,56 +232,51 @@ class RevocationWatcher:
             if isinstance(token_hash, str):
                 self.authenticator.forget_failure(token_hash)
             return
-        if operation in ("update", "replace", "delete"):
+        if operation in DOCUMENT_OPERATIONS:
             if operation == "update" and _touches_usage_only(change.get("updateDescription") or {}):
                 return
             token_id = change.get("documentKey", {}).get("_id")
-            evicted = self.authenticator.evict_token(token_id)
-            self._record_lag(change, token_id, operation, evicted)
+            self.record_lag(change, operation, self.authenticator.evict_token(token_id))
             return
-        # drop, rename, dropDatabase, invalidate: the whole collection changed.
-        self.authenticator.clear()
-        if operation == "invalidate":
-            # An invalidated stream ends and cannot be resumed; the next one starts from now.
-            self.resume_token = None
-        logger.warning("A %s event on the token collection %s cleared the token cache.", operation, self.tokens.name)
+        self.clear_for(str(operation))
 
-    def _record_lag(self, change: Mapping[str, Any], token_id: Any, operation: str, evicted: int) -> None:
-        written_at = _write_time(change)
-        if written_at is None:
+
+class UserWatcher(ChangeStreamWatcher):
+    """Follow the users collection's change stream and evict the keys of users who may have become inactive."""
+
+    stream = "users"
+    operations = (*DOCUMENT_OPERATIONS, *COLLECTION_OPERATIONS)
+    subject = "user deactivations"
+
+    def apply(self, change: Mapping[str, Any]) -> None:
+        """Update the cache for one change event."""
+        operation = change.get("operationType")
+        if operation in DOCUMENT_OPERATIONS:
+            if operation == "update" and not _may_change_status(change.get("updateDescription") or {}):
+                return
+            user_id = change.get("documentKey", {}).get("_id")
+            # Identities carry the user id as the text sent upstream (24 hex digits for an ObjectId).
+            self.record_lag(change, operation, self.authenticator.evict_user(str(user_id)))
             return
-        # Clocks of the store and the gateway may differ slightly; a negative lag is clock skew.
-        lag = max(0.0, self.clock() - written_at)
-        self.metrics.revocation_lag.observe(lag)
-        if evicted:
-            logger.info("Evicted token %s (%s in the store) %.3f s after the write.", token_id, operation, lag)
+        self.clear_for(str(operation))
 
-    def _note_failure(self, error: PyMongoError, backoff: float) -> None:
-        self._failures += 1
-        # The first failure of an outage is a warning; its repeats are debug lines.
-        log = logger.warning if self._failures == 1 else logger.debug
-        log(
-            "The change stream on %s failed (%s); retrying in %.1f s, until then the cache TTL bounds revocations.",
-            self.tokens.name,
-            type(error).__name__,
-            backoff,
-        )
 
-    def _give_up(self, error: OperationFailure) -> None:
-        self.is_supported = False
-        self.metrics.change_stream_active.set(0)
-        logger.warning(
-            "The token store does not support change streams (code %s): revocations reach this process "
-            "within cache.ttl_seconds.",
-            error.code,
-        )
+def _changed_fields(description: Mapping[str, Any]) -> list[str]:
+    # Top-level names: $addToSet on user_agents is reported as "user_agents.3".
+    updated = description.get("updatedFields") or {}
+    removed = description.get("removedFields") or []
+    return [field.split(".", 1)[0] for field in [*updated, *removed]]
 
 
 def _touches_usage_only(description: Mapping[str, Any]) -> bool:
-    updated = description.get("updatedFields") or {}
-    removed = description.get("removedFields") or []
-    fields = [*updated, *removed]
-    return bool(fields) and all(field.split(".", 1)[0] in USAGE_FIELDS for field in fields)
+    fields = _changed_fields(description)
+    return bool(fields) and all(field in USAGE_FIELDS for field in fields)
+
+
+def _may_change_status(description: Mapping[str, Any]) -> bool:
+    # An update without a description is taken as a real change.
+    fields = _changed_fields(description)
+    return not fields or any(field in USER_STATUS_FIELDS for field in fields)
 
 
 def _write_time(change: Mapping[str, Any]) -> float | None:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import (
     AUTHENTICATION_RESULTS,
     CACHE_RESULTS,
+    CHANGE_STREAMS,
     LATENCY_BUCKETS,
     REQUEST_OUTCOMES,
     REVOCATION_LAG_BUCKETS,
@@ -129,17 +130,23 @@ class ReferenceMetrics:
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being handled now.", registry=registry)
 
-        self.revocation_lag = Histogram(
+        revocation_lag = Histogram(
             "gateway_revocation_lag_seconds",
-            "Time from a token change in the store (its wallTime) to its eviction from this process's cache.",
+            "Time from a token or user change in the store (its wallTime) to its eviction from this process's "
+            "cache, by change stream.",
+            ["stream"],
             buckets=REVOCATION_LAG_BUCKETS,
             registry=registry,
         )
-        self.change_stream_active = Gauge(
+        self.revocation_lag = {stream: revocation_lag.labels(stream) for stream in CHANGE_STREAMS}
+        change_stream_active = Gauge(
             "gateway_change_stream_active",
-            "1 while a change stream on the token collection is open, else 0 (revocations then wait for the TTL).",
+            "1 while the change stream on the token or users collection is open, else 0 (its changes then "
+            "wait for the TTL).",
+            ["stream"],
             registry=registry,
         )
+        self.change_stream_active = {stream: change_stream_active.labels(stream) for stream in CHANGE_STREAMS}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -153,7 +160,7 @@ def apply_updates(metrics: Any, seed: int) -> None:
     """Apply the same pseudo-random sequence of updates to `metrics`, whichever implementation it is."""
     rng = random.Random(seed)
     counters = [*metrics.requests.values(), *metrics.authentications.values(), *metrics.cache.values()]
-    histograms = [*metrics.store_duration.values(), metrics.upstream_duration, metrics.revocation_lag]
+    histograms = [*metrics.store_duration.values(), metrics.upstream_duration, *metrics.revocation_lag.values()]
 
     for value in EDGE_OBSERVATIONS:
         for histogram in histograms:
@@ -168,9 +175,9 @@ def apply_updates(metrics: Any, seed: int) -> None:
     metrics.cache["hit"].inc(0)
     metrics.in_flight.inc(3)
     metrics.in_flight.dec(1.5)
-    metrics.change_stream_active.set(1)
-    metrics.change_stream_active.set(0)
-    metrics.change_stream_active.set(True)
+    metrics.change_stream_active["tokens"].set(1)
+    metrics.change_stream_active["tokens"].set(0)
+    metrics.change_stream_active["users"].set(True)
 
 
 def without_created_values(text: str) -> list[str]:
@@ -224,7 +231,9 @@ def test_metrics_created_samples_hold_creation_time() -> None:
     samples = parse_samples(metrics.render().decode())
 
     created = {key: value for key, value in samples.items() if key[0].endswith("_created")}
-    assert len(created) == len(REQUEST_OUTCOMES) + len(AUTHENTICATION_RESULTS) + len(CACHE_RESULTS) + 4
+    counters = len(REQUEST_OUTCOMES) + len(AUTHENTICATION_RESULTS) + len(CACHE_RESULTS)
+    histograms = len(STORE_OPERATIONS) + 1 + len(CHANGE_STREAMS)  # store, upstream, revocation lag
+    assert len(created) == counters + histograms
     assert all(before <= value <= after for value in created.values())
 
 

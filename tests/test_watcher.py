@@ -1,4 +1,4 @@
-"""Revocation through the change stream: eviction, resumption, fallback to the TTL, two processes on one store."""
+"""Change streams: token and user evictions, resumption, fallback to the TTL, two processes on one store."""
 
 from __future__ import annotations
 
@@ -43,13 +43,22 @@ def wait_until(condition: Any, timeout: float = 15) -> None:
         time.sleep(0.02)
 
 
-def watching(gateway: Any) -> bool:
-    return gateway.app.metrics.registry.get_sample_value("gateway_change_stream_active") == 1
+def sample_value(gateway: Any, name: str, stream: str = "tokens") -> Any:
+    return gateway.app.metrics.registry.get_sample_value(name, {"stream": stream})
 
 
-def scraped(url: str) -> dict[str, float]:
+def watching(gateway: Any, stream: str = "tokens") -> bool:
+    return bool(sample_value(gateway, "gateway_change_stream_active", stream) == 1)
+
+
+def scraped(url: str) -> dict[tuple[str, str], float]:
+    """Return every sample by name and `stream` label, "" for metrics without that label."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, sample.labels.get("stream", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def now() -> datetime.datetime:
@@ -84,7 +93,74 @@ def test_watcher_change_evicts_token(proxy: Any, seed_user: Any, seed_token: Any
     elapsed = seconds_until_rejected(proxy.url, plaintext)
 
     assert elapsed < WATCH_BOUND_SECONDS
-    assert proxy.app.metrics.registry.get_sample_value("gateway_revocation_lag_seconds_count") >= 1
+    assert sample_value(proxy, "gateway_revocation_lag_seconds_count") >= 1
+
+
+@pytest.fixture
+def user_proxy(make_config: Any, start_gateway: Any, echo_upstream: Any) -> Any:
+    _, upstream = echo_upstream
+    gateway = start_gateway(make_config(upstream.url, **LONG_TTL))
+    wait_until(lambda: watching(gateway) and watching(gateway, "users"))
+    return gateway
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"$set": {"active": False}},  # deactivated by an administrator
+        {"$set": {"deleted": now()}},  # deleted the way udata does, keeping the document
+        "replace",  # document rewritten without the fields
+        None,  # document removed
+    ],
+)
+def test_watcher_user_change_evicts_keys(
+    user_proxy: Any, seed_user: Any, seed_token: Any, mongo: Any, change: Any
+) -> None:
+    user = seed_user()
+    first, _ = seed_token(user)
+    second, _ = seed_token(user)
+    assert [status_of(user_proxy.url, key) for key in (first, second)] == [200, 200]
+    assert user_proxy.counter.token_lookups() == 2
+
+    if change is None:
+        mongo.user.delete_one({"_id": user})
+    elif change == "replace":
+        mongo.user.replace_one({"_id": user}, {"first_name": "Ada"})
+    else:
+        mongo.user.update_one({"_id": user}, change)
+    elapsed = seconds_until_rejected(user_proxy.url, first)
+
+    assert elapsed < WATCH_BOUND_SECONDS
+    assert status_of(user_proxy.url, second) == 401
+    assert sample_value(user_proxy, "gateway_revocation_lag_seconds_count", "users") >= 1
+
+
+def test_watcher_user_other_field_keeps_cache(user_proxy: Any, seed_user: Any, seed_token: Any, mongo: Any) -> None:
+    kept_user, deactivated_user = seed_user(), seed_user()
+    kept, _ = seed_token(kept_user)
+    deactivated, _ = seed_token(deactivated_user)
+    assert [status_of(user_proxy.url, key) for key in (kept, deactivated)] == [200, 200]
+
+    mongo.user.update_one({"_id": kept_user}, {"$set": {"last_login_at": now()}})
+    # Events arrive in order, so once the second change is applied the first one was too.
+    mongo.user.update_one({"_id": deactivated_user}, {"$set": {"active": False}})
+    seconds_until_rejected(user_proxy.url, deactivated)
+    kept_status = status_of(user_proxy.url, kept)
+
+    assert kept_status == 200
+    # One lookup per key, then one for the deactivated key after its eviction.
+    assert user_proxy.counter.token_lookups() == 3
+
+
+def test_watcher_user_stream_off_without_users_collection(
+    make_config: Any, start_gateway: Any, echo_upstream: Any
+) -> None:
+    _, upstream = echo_upstream
+    gateway = start_gateway(make_config(upstream.url, store__users_collection="", **LONG_TTL))
+    wait_until(lambda: watching(gateway))
+
+    assert gateway.app.user_watcher is None
+    assert not watching(gateway, "users")
 
 
 def test_watcher_usage_write_keeps_cache(
@@ -204,8 +280,9 @@ def test_watcher_unsupported_store_falls_back_to_ttl(
 
     assert right_after == 200
     assert elapsed < 1.0 + 2.0
-    unsupported = [record for record in caplog.records if "does not support change streams" in record.getMessage()]
-    assert len(unsupported) == 1
+    unsupported = [record.getMessage() for record in caplog.records if "does not support" in record.getMessage()]
+    assert len([message for message in unsupported if "token changes" in message]) == 1
+    assert len([message for message in unsupported if "user deactivations" in message]) == 1
 
 
 def gateway_environ(mongodb_uri: str, database_name: str, upstream_url: str, **settings: str) -> dict[str, str]:
@@ -225,7 +302,8 @@ def test_watcher_two_gateways_revocation_within_bound(
     _, upstream = echo_upstream
     environ = gateway_environ(mongodb_uri, database_name, upstream.url, GATEWAY_CACHE_TTL_SECONDS="60")
     with running_gateways(environ, environ) as (first, second):
-        wait_until(lambda: all(scraped(g.url)["gateway_change_stream_active"] == 1 for g in (first, second)))
+        active = ("gateway_change_stream_active", "tokens")
+        wait_until(lambda: all(scraped(g.url)[active] == 1 for g in (first, second)))
         plaintext, document = seed_token(seed_user())
         assert [status_of(g.url, plaintext) for g in (first, second)] == [200, 200]
 
@@ -238,8 +316,8 @@ def test_watcher_two_gateways_revocation_within_bound(
 
     assert elapsed < WATCH_BOUND_SECONDS
     assert first_status == 401
-    assert metrics["gateway_revocation_lag_seconds_count"] >= 1
-    assert metrics["gateway_revocation_lag_seconds_sum"] < WATCH_BOUND_SECONDS
+    assert metrics[("gateway_revocation_lag_seconds_count", "tokens")] >= 1
+    assert metrics[("gateway_revocation_lag_seconds_sum", "tokens")] < WATCH_BOUND_SECONDS
 
 
 def test_watcher_two_gateways_without_streams_ttl_bound(
@@ -273,3 +351,21 @@ def test_watcher_usage_only_updates_recognised(description: dict[str, Any], expe
     from gateway.watcher import _touches_usage_only
 
     assert _touches_usage_only(description) is expected
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ({"updatedFields": {"active": False}}, True),  # deactivated
+        ({"updatedFields": {"deleted": now()}}, True),  # deleted
+        ({"updatedFields": {}, "removedFields": ["deleted"]}, True),  # undeleted: evicting is harmless
+        ({"updatedFields": {"last_login_at": now(), "active": False}}, True),  # login and deactivation at once
+        ({"updatedFields": {"last_login_at": now()}}, False),  # a login
+        ({"updatedFields": {"metrics.datasets": 3}}, False),  # a nested field elsewhere
+        ({}, True),  # no description: treated as a real change
+    ],
+)
+def test_watcher_user_status_changes_recognised(description: dict[str, Any], expected: bool) -> None:
+    from gateway.watcher import _may_change_status
+
+    assert _may_change_status(description) is expected
