@@ -7,7 +7,7 @@ unlocked addition per metric, never a label resolution.
 
 The children come from `gateway.loop_metrics` and take no lock, because
 every update runs on the worker's one event-loop thread. The ASGI handlers,
-the revocation watcher and the token rehasher are coroutines on that loop, and
+the change-stream watchers and the token rehasher are coroutines on that loop, and
 the proxy calls the upstream latency callback from its own coroutine. A metric
 updated from another thread would need prometheus_client's locked children.
 `render()` prints the same text that prometheus_client's `Counter`, `Gauge`

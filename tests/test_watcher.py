@@ -137,15 +137,15 @@ def test_watcher_user_change_evicts_keys(
 
 def test_watcher_user_other_field_keeps_cache(user_proxy: Any, seed_user: Any, seed_token: Any, mongo: Any) -> None:
     kept_user, deactivated_user = seed_user(), seed_user()
-    kept, _ = seed_token(kept_user)
-    deactivated, _ = seed_token(deactivated_user)
-    assert [status_of(user_proxy.url, key) for key in (kept, deactivated)] == [200, 200]
+    kept_key, _ = seed_token(kept_user)
+    deactivated_key, _ = seed_token(deactivated_user)
+    assert [status_of(user_proxy.url, key) for key in (kept_key, deactivated_key)] == [200, 200]
 
     mongo.user.update_one({"_id": kept_user}, {"$set": {"last_login_at": now()}})
     # Events arrive in order, so once the second change is applied the first one was too.
     mongo.user.update_one({"_id": deactivated_user}, {"$set": {"active": False}})
-    seconds_until_rejected(user_proxy.url, deactivated)
-    kept_status = status_of(user_proxy.url, kept)
+    seconds_until_rejected(user_proxy.url, deactivated_key)
+    kept_status = status_of(user_proxy.url, kept_key)
 
     assert kept_status == 200
     # One lookup per key, then one for the deactivated key after its eviction.
