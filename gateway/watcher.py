@@ -186,12 +186,12 @@ class ChangeStreamWatcher:
         if evicted:
             document_id = change.get("documentKey", {}).get("_id")
             logger.info(
-                "Evicted %d cached key(s) after %s in %s (%s) %.3f s after the write.",
+                "Evicted %d cached key(s) %.3f s after the %s of %s document %s.",
                 evicted,
-                document_id,
-                self.collection.name,
-                operation,
                 lag,
+                operation,
+                self.collection.name,
+                document_id,
             )
 
     def _note_failure(self, error: PyMongoError, backoff: float) -> None:
