@@ -192,7 +192,14 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescingTransport(transport, self.loop))
+        self._coalescing_transport = CoalescingTransport(transport, self.loop)
+        super().connection_made(self._coalescing_transport)
+
+    def eof_received(self) -> None:
+        # Returning None makes the real transport close itself, without the
+        # wrapper's close() and its flush, so the held bytes of a response
+        # written before the client's FIN are sent now or never.
+        self._coalescing_transport.flush()
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn calls this when bytes arrive, a response completes or the connection closes.

@@ -35,6 +35,8 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
 }
 LARGE_BODY_BYTES = 5 * 1024 * 1024
+# How long the scripted app's `/busy` path blocks the server's event loop.
+BUSY_SECONDS = 0.3
 
 
 # Transport wrapper.
@@ -446,6 +448,10 @@ class ScriptedApp:
             await self._respond(send, self.large_body)
         elif path == "/echo":
             await self._respond(send, await _read_body(receive))
+        elif path == "/busy":
+            # Blocks the event loop, as a burst of other requests would.
+            time.sleep(BUSY_SECONDS)
+            await self._respond(send, b"hello from /busy")
         else:
             await self._respond(send, b"hello from " + path.encode())
 
@@ -557,6 +563,37 @@ def test_protocol_continue_matches_uvicorn(scripted_servers: dict[str, ThreadedS
     assert answers["coalescing"] == answers["httptools"]
     assert answers["coalescing"].startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert answers["coalescing"].endswith(b"\r\n\r\nbody")
+
+
+@pytest.fixture(scope="module")
+def uvloop_servers() -> Iterator[dict[str, ThreadedServer]]:
+    """The scripted app on uvloop, as `gateway serve` runs it, under both protocols."""
+    app = ScriptedApp()
+    servers = {
+        "httptools": ThreadedServer(app, loop_factory=uvloop.new_event_loop, http="httptools").start(),
+        "coalescing": ThreadedServer(app, loop_factory=uvloop.new_event_loop, http=CoalescingHttpToolsProtocol).start(),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.mark.parametrize("server", ["httptools", "coalescing"])
+def test_protocol_answers_after_client_half_close(uvloop_servers: dict[str, ThreadedServer], server: str) -> None:
+    # The client shuts down its sending side while the server's loop is busy
+    # with the request, so uvloop reads the FIN right after the response is
+    # written, and the transport closes itself once the protocol's
+    # eof_received returns.
+    with socket.create_connection(("127.0.0.1", uvloop_servers[server].port), timeout=5) as connection:
+        connection.sendall(request(b"GET", b"/busy"))
+        time.sleep(BUSY_SECONDS / 3)
+        connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\nhello from /busy")
 
 
 def test_protocol_keep_alive_sequential_requests(scripted_servers: dict[str, ThreadedServer]) -> None:

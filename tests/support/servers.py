@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -16,8 +17,15 @@ from gateway.embedded import free_port
 class ThreadedServer:
     """Run an ASGI app with uvicorn on a free loopback port in a background thread."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", **options: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+        **options: Any,
+    ) -> None:
         self.host = host
+        self.loop_factory = loop_factory
         self.port = free_port(host)
         options.setdefault("lifespan", "on")
         options.setdefault("log_level", "warning")
@@ -36,7 +44,7 @@ class ThreadedServer:
         return f"http://{self.host}:{self.port}"
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = self.loop_factory()
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve())
         self._cancel_remaining_tasks()
