@@ -201,6 +201,14 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # written before the client's FIN are sent now or never.
         self._coalescing_transport.flush()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # An armed timer references this protocol, which would otherwise stay
+        # in memory, with its last request, until the timer fires.
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn calls this when bytes arrive, a response completes or the connection closes.
         self._idle_since = None

@@ -9,6 +9,7 @@ tests see each call the wrapper makes as well as the bytes the peer reads.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import re
@@ -594,6 +595,27 @@ def test_protocol_answers_after_client_half_close(uvloop_servers: dict[str, Thre
 
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n\r\nhello from /busy")
+
+
+def live_coalescing_protocols() -> int:
+    gc.collect()
+    return sum(isinstance(item, CoalescingHttpToolsProtocol) for item in gc.get_objects())
+
+
+def test_protocol_freed_when_client_closes(uvloop_servers: dict[str, ThreadedServer]) -> None:
+    # The keep-alive timeout is uvicorn's default 5 s. A timer still armed
+    # after the connection closed would keep its protocol alive that long.
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", uvloop_servers["coalescing"].port), timeout=5) as connection:
+            connection.sendall(request(b"GET", b"/small"))
+            status, _, _ = read_response(connection)
+            assert status == b"HTTP/1.1 200 OK"
+
+    deadline = time.monotonic() + 2
+    while live_coalescing_protocols() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert live_coalescing_protocols() == 0
 
 
 def test_protocol_keep_alive_sequential_requests(scripted_servers: dict[str, ThreadedServer]) -> None:
