@@ -313,8 +313,11 @@ class GatewayApp:
         record.start_upstream()
         try:
             is_complete = await self.upstream.forward(scope, receive, send, headers)
-        except ClientDisconnected:
-            logger.info("The client of %s %s disconnected while sending its body.", scope["method"], record.path)
+        except ClientDisconnected as exc:
+            logger.info(
+                "Stopped %s %s: %s (request id %s)", scope["method"], record.path, exc, record.request_id.decode()
+            )
+            self.metrics.requests["client_disconnected"].inc()
         except UpstreamTimeout as exc:
             logger.error(
                 "Upstream timed out for %s %s: %s (request id %s)",

@@ -93,7 +93,7 @@ class InvalidRequestBody(GatewayError):
 
 
 class ClientDisconnected(GatewayError):
-    """The client closed the connection before sending its whole body."""
+    """The client closed the connection before sending its whole body or before the response ended."""
 
 
 class UpstreamError(GatewayError):

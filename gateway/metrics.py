@@ -37,6 +37,7 @@ REQUEST_OUTCOMES = (
     "upstream_unreachable",
     "upstream_timeout",
     "upstream_interrupted",
+    "client_disconnected",
     "no_upstream",
 )
 # `gateway_authentications_total` results: success, every failure reason (throttled included), and the store failing.

@@ -85,9 +85,10 @@ class UpstreamProxy:
         Returns True when the whole response was sent. Raises
         `UpstreamUnreachable` or `UpstreamTimeout` when no response has
         started, and `ClientDisconnected` when the client left while sending
-        its body. Once the response has started, a failure is logged and the
-        response is left incomplete (False), so that the server closes the
-        client connection instead of ending the body as if complete.
+        its body or before the streamed response ended. Once the response has
+        started, an upstream failure is logged and the response is left
+        incomplete (False), so that the server closes the client connection
+        instead of ending the body as if complete.
         """
         body = RequestBody(receive, _is_chunked(scope["headers"])) if _has_body(scope["headers"]) else None
         # NOTE: a client that leaves before the upstream's response headers
@@ -210,15 +211,14 @@ class UpstreamProxy:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             if watcher is not None and watcher.is_client_gone:
-                logger.info(
-                    "The client of %s %s disconnected, so the upstream response was closed.", *_request_line(scope)
-                )
-            else:
-                logger.error(
-                    "The upstream response to %s %s was cut, so the client connection is closed: %s",
-                    *_request_line(scope),
-                    exc,
-                )
+                raise ClientDisconnected(
+                    "The client disconnected before the response ended, so the upstream response was closed."
+                ) from None
+            logger.error(
+                "The upstream response to %s %s was cut, so the client connection is closed: %s",
+                *_request_line(scope),
+                exc,
+            )
             return False
         finally:
             if watcher is not None:

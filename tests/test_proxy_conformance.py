@@ -571,16 +571,62 @@ def test_client_disconnect_mid_upload_cuts_upstream(
                 time.sleep(0.01)
         open_connections = upstream.wait_for_open_connections(0)
         deadline = time.monotonic() + 5
-        while "disconnected while sending its body" not in caplog.text and time.monotonic() < deadline:
+        while "disconnected before sending the whole body" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.01)
 
     assert open_connections == 0
     # The upstream never receives the truncated body as a complete request.
     assert upstream.requests == []
-    assert "disconnected while sending its body" in caplog.text
+    assert "disconnected before sending the whole body" in caplog.text
     assert [record.message for record in caplog.records if record.levelno >= logging.ERROR] == []
     status, _, _ = exchange(gateway.port, b"GET /ok HTTP/1.1\r\nHost: g\r\n\r\n")
     assert status == b"HTTP/1.1 200 OK"
+
+
+def requests_by_outcome(gateway: Any) -> dict[str, float]:
+    registry = gateway.app.metrics.registry
+    return {
+        outcome: registry.get_sample_value("gateway_requests_total", {"outcome": outcome})
+        for outcome in ("forwarded", "upstream_interrupted", "client_disconnected")
+    }
+
+
+def wait_for_outcome(gateway: Any, outcome: str) -> dict[str, float]:
+    deadline = time.monotonic() + 5
+    while not requests_by_outcome(gateway)[outcome] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return requests_by_outcome(gateway)
+
+
+def test_client_disconnect_mid_response_counted(start_upstream: Any, gateway_before: Any) -> None:
+    upstream = start_upstream(_endless_stream)
+    gateway = gateway_before(upstream.url)
+
+    with connect(gateway.port) as connection:
+        connection.sendall(b"GET /stream HTTP/1.1\r\nHost: g\r\n\r\n")
+        received = b""
+        while b"data: tick" not in received:
+            received += connection.recv(65536)
+    outcomes = wait_for_outcome(gateway, "client_disconnected")
+
+    # The upstream kept sending: the client cut the response, not the upstream.
+    assert outcomes == {"forwarded": 0, "upstream_interrupted": 0, "client_disconnected": 1}
+    assert gateway.app.metrics.registry.get_sample_value("gateway_requests_in_flight") == 0
+
+
+def test_client_disconnect_mid_upload_counted(start_upstream: Any, gateway_before: Any) -> None:
+    upstream = start_upstream()
+    gateway = gateway_before(upstream.url)
+
+    with connect(gateway.port) as connection:
+        connection.sendall(b"POST /u HTTP/1.1\r\nHost: g\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        deadline = time.monotonic() + 5
+        while upstream.accepted_connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    outcomes = wait_for_outcome(gateway, "client_disconnected")
+
+    assert outcomes == {"forwarded": 0, "upstream_interrupted": 0, "client_disconnected": 1}
+    assert gateway.app.metrics.registry.get_sample_value("gateway_requests_in_flight") == 0
 
 
 # Timeouts and failures.
