@@ -33,6 +33,23 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # request that joining saved in the measurement above.
 MAX_HELD_BYTES = 16 * 1024
 
+# Largest request head (request line and header section, as received) that
+# the protocol buffers before it sends 431 and closes the connection. httptools
+# sets no limit of its own, so without this a client could fill the memory
+# with one endless head. Smaller heads over `server.max_header_bytes` (32 KiB
+# by default) get the application's 431 instead.
+# NOTE: a `server.max_header_bytes` above this is cut to this under uvicorn.
+MAX_HEAD_BYTES = 1024 * 1024
+
+_HEAD_TOO_LARGE_BODY = b'{"message":"Request headers too large"}'
+_HEAD_TOO_LARGE_RESPONSE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: application/json\r\n"
+    b"content-length: %d\r\n"
+    b"connection: close\r\n"
+    b"\r\n%b" % (len(_HEAD_TOO_LARGE_BODY), _HEAD_TOO_LARGE_BODY)
+)
+
 WritableData = bytes | bytearray | memoryview
 
 
@@ -183,6 +200,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     idle for the whole timeout, it is moved to the end of the current idle period. `on_response_complete` is
     uvicorn 0.55's, apart from that timer, so pyproject.toml keeps uvicorn
     below 0.56 until a newer one is checked against it.
+
+    A request head longer than `MAX_HEAD_BYTES` gets 431 and the connection
+    closes, or, behind a response still in progress, the connection closes
+    after that response.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -190,6 +211,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # The event loop time when the connection last went idle, or None while a request is in progress.
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Bytes received since the last request ended, while no head is
+        # complete, or None while a body is read. A chunk's bytes after the
+        # end of a request are not counted, so the count may fall short by
+        # less than one read.
+        self._head_bytes: int | None = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._coalescing_transport = CoalescingTransport(transport, self.loop)
@@ -200,6 +226,33 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # wrapper's close() and its flush, so the held bytes of a response
         # written before the client's FIN are sent now or never.
         self._coalescing_transport.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._reject_large_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_bytes = 0
+
+    def _reject_large_head(self) -> None:
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
+        self.logger.warning("Rejected a request head of over %d bytes from %s with 431.", MAX_HEAD_BYTES, client)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head arrived behind a response still being sent. The
+            # head is dropped unread and uvicorn closes the connection after that response.
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        self.transport.write(_HEAD_TOO_LARGE_RESPONSE)
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

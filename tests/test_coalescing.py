@@ -9,6 +9,7 @@ tests see each call the wrapper makes as well as the bytes the peer reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from gateway.coalescing import MAX_HELD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
+from gateway.coalescing import MAX_HEAD_BYTES, MAX_HELD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
 from gateway.embedded import free_port
 from tests.conftest import TEST_SECRET
 from tests.support.cli import REPOSITORY_ROOT
@@ -449,6 +450,9 @@ class ScriptedApp:
             await self._respond(send, self.large_body)
         elif path == "/echo":
             await self._respond(send, await _read_body(receive))
+        elif path == "/sleep":
+            await asyncio.sleep(BUSY_SECONDS)
+            await self._respond(send, b"hello from /sleep")
         elif path == "/busy":
             # Blocks the event loop, as a burst of other requests would.
             time.sleep(BUSY_SECONDS)
@@ -595,6 +599,63 @@ def test_protocol_answers_after_client_half_close(uvloop_servers: dict[str, Thre
 
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n\r\nhello from /busy")
+
+
+def test_protocol_rejects_endless_head(scripted_servers: dict[str, ThreadedServer]) -> None:
+    header_line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", scripted_servers["coalescing"].port), timeout=5) as connection:
+        connection.sendall(b"GET /small HTTP/1.1\r\nHost: gateway\r\n")
+        sent = 0
+        try:
+            # The head never ends: the server must answer before it does.
+            while sent <= 4 * MAX_HEAD_BYTES:
+                connection.sendall(header_line * 16)
+                sent += len(header_line) * 16
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert b"\r\nconnection: close\r\n" in answer
+    assert answer.endswith(b'\r\n\r\n{"message":"Request headers too large"}')
+
+
+def test_protocol_endless_head_behind_response(scripted_servers: dict[str, ThreadedServer]) -> None:
+    # The endless head arrives while /sleep is still being answered: that
+    # response is sent whole, then the connection closes without a 431.
+    header_line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", scripted_servers["coalescing"].port), timeout=5) as connection:
+        connection.sendall(request(b"GET", b"/sleep") + b"GET /next HTTP/1.1\r\nHost: gateway\r\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            connection.sendall(header_line * (2 * MAX_HEAD_BYTES // len(header_line)))
+        answer = b""
+        # The server closes with the rest of the head unread, which resets the connection.
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\nhello from /sleep")
+    assert answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_protocol_pipelined_heads_not_summed(scripted_servers: dict[str, ThreadedServer]) -> None:
+    # Together the requests are longer than MAX_HEAD_BYTES, each one far shorter.
+    filler = b"X-Filler: " + b"a" * 30_000
+    count = MAX_HEAD_BYTES // len(filler) + 10
+    pipelined = b"".join(request(b"GET", b"/%d" % number, filler) for number in range(count - 1))
+    pipelined += request(b"GET", b"/%d" % (count - 1), filler, CLOSE)
+
+    answer = raw_request(scripted_servers["coalescing"].port, pipelined, timeout=10)
+
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == count
+    assert re.findall(rb"hello from /(\d+)", answer) == [b"%d" % number for number in range(count)]
+    assert b" 431 " not in answer
 
 
 def live_coalescing_protocols() -> int:
