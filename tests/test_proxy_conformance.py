@@ -649,6 +649,24 @@ def test_read_timeout_is_504(start_upstream: Any, gateway_before: Any) -> None:
     assert elapsed < 5
 
 
+def test_read_timeout_runs_between_header_bytes(start_upstream: Any, gateway_before: Any) -> None:
+    # Each header line comes 0.2 s after the one before: 1 s in all, but
+    # never 0.5 s without a byte, so the read timeout never passes.
+    def handle(request: RawRequest, connection: socket.socket) -> None:
+        for line in (b"HTTP/1.1 200 OK\r\n", b"X-One: 1\r\n", b"X-Two: 2\r\n", b"X-Three: 3\r\n"):
+            connection.sendall(line)
+            time.sleep(0.2)
+        connection.sendall(b"Content-Length: 2\r\n\r\nok")
+
+    gateway = gateway_before(start_upstream(handle).url, upstream__read_timeout_seconds=0.5)
+
+    status, headers, body = exchange(gateway.port, b"GET /trickle HTTP/1.1\r\nHost: g\r\n\r\n")
+
+    assert status == b"HTTP/1.1 200 OK"
+    assert values(headers, b"x-three") == [b"3"]
+    assert body == b"ok"
+
+
 def _chunk_pause_chunk(pause: float) -> Callable[[RawRequest, socket.socket], bool]:
     def handle(request: RawRequest, connection: socket.socket) -> bool:
         connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")

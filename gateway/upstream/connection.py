@@ -180,6 +180,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.has_received_bytes = True
+        waiter = self._waiter
+        if waiter is not None:
+            # The timeouts run between bytes, so every byte moves the deadline,
+            # including header bytes that do not end the wait. The timer
+            # follows when it fires.
+            self._deadline = waiter.get_loop().time() + self._timeout
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
