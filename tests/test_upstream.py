@@ -297,3 +297,29 @@ async def test_pool_oldest_idle_connection_expires_first(start_upstream: Any) ->
     assert taken is newer
     assert is_reused
     assert older.is_closed
+
+
+async def test_pool_expired_behind_closed_not_reused(start_upstream: Any) -> None:
+    upstream = start_upstream()
+    pool = ConnectionPool("127.0.0.1", upstream.port, None, 3, connect_timeout=1, pool_timeout=1, idle_timeout=0.5)
+
+    try:
+        oldest, _ = await pool.acquire()
+        older, _ = await pool.acquire()
+        newest, _ = await pool.acquire()
+        pool.release(oldest, is_reusable=True)
+        pool.release(older, is_reusable=True)
+        await asyncio.sleep(0.3)
+        pool.release(newest, is_reusable=True)
+        newest.close()  # as when the upstream closes it while it is idle
+        await asyncio.sleep(0.3)
+        # `oldest` and `older` have been idle 0.6 s, past the idle timeout.
+        taken = pool.take_idle()
+    finally:
+        await pool.close()
+    if taken is not None:
+        taken.close()
+
+    assert taken is None
+    assert older.is_closed
+    assert pool._count == 0

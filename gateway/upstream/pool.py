@@ -74,7 +74,7 @@ class ConnectionPool:
             raise
 
     def take_idle(self) -> UpstreamConnection | None:
-        """Return the most recently used idle connection that is still open, or None; never waits."""
+        """Return the most recently used idle connection that is open and not expired, or None; never waits."""
         if not self._idle:
             return None
         now = asyncio.get_running_loop().time()
@@ -84,10 +84,16 @@ class ConnectionPool:
             return None
         self._close_expired(now)
         while self._idle:
-            connection, _ = self._idle.pop()
-            if not connection.is_closed:
+            connection, idle_since = self._idle.pop()
+            if connection.is_closed:
+                self._count -= 1
+            elif now - idle_since > self.idle_timeout:
+                # Behind a newer connection that was closed: this one and every older one expired.
+                connection.close()
+                self._count -= 1
+                self._close_idle()
+            else:
                 return connection
-            self._count -= 1
         return None
 
     def release(self, connection: UpstreamConnection, is_reusable: bool) -> None:
