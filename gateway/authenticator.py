@@ -187,6 +187,8 @@ class Authenticator:
         self.negative.pop(token_hash, None)
 
     def clear(self) -> None:
+        """Drop every cached answer; a lookup in flight then serves its request without caching its answer."""
+        self._evictions += 1
         self.positive.clear()
         self.negative.clear()
 

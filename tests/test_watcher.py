@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import time
@@ -11,8 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
+from bson import ObjectId
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.authenticator import Authenticator
+from gateway.store import OWNER_FIELD
 from tests.conftest import TEST_SECRET
 from tests.support.faults import StoreProcess, running_gateways
 
@@ -369,3 +373,35 @@ def test_watcher_user_status_changes_recognised(description: dict[str, Any], exp
     from gateway.watcher import _may_change_status
 
     assert _may_change_status(description) is expected
+
+
+class PausedLookupStore:
+    """A store stand-in whose one token waits for `resume` after it is read, to interleave a cache clear."""
+
+    users = object()  # not None: the authenticator checks owners
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self.read_done = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def find_token(self, token_hashes: list[str]) -> dict[str, Any]:
+        self.read_done.set()
+        await self.resume.wait()
+        return {**self.document, "token_hash": token_hashes[0]}
+
+
+async def test_watcher_clear_during_lookup_not_cached(make_config: Any) -> None:
+    config = make_config()
+    user_id = ObjectId()
+    store = PausedLookupStore({"_id": ObjectId(), "user": user_id, OWNER_FIELD: [{"_id": user_id, "active": True}]})
+    authenticator = Authenticator(store, config.tokens.secret, config.cache)  # type: ignore[arg-type]
+
+    lookup = asyncio.ensure_future(authenticator.authenticate("key-read-before-the-clear"))
+    await store.read_done.wait()
+    # A change stream (re)opened or reported a drop while the lookup was in flight.
+    authenticator.clear()
+    store.resume.set()
+    await lookup
+
+    assert len(authenticator.positive) == 0
