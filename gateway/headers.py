@@ -119,11 +119,12 @@ def expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 class RequestHeaderPolicy:
     """Rewrite a client's request headers for the upstream.
 
-    Removes every spelling of the trusted user header and of the key header
-    (the key is forwarded only when `forward_api_key` is set, and then only
-    the one copy that authenticated), hop-by-hop headers, `Host` and
-    `Expect`, and the forwarding headers of peers that are not trusted
-    proxies. Then sets the trusted user header and `X-Forwarded-*`.
+    Removes every spelling of the trusted user header, of the request id
+    header and of the key header (the key is forwarded only when
+    `forward_api_key` is set, and then only the one copy that
+    authenticated), hop-by-hop headers, `Host` and `Expect`, and the
+    forwarding headers of peers that are not trusted proxies. Then sets the
+    trusted user header, `X-Forwarded-*` and the gateway's request id.
     """
 
     def __init__(
@@ -139,16 +140,18 @@ class RequestHeaderPolicy:
         self.key_header = key_header.lower().encode()
         self.forward_api_key = forward_api_key
         self.trusted_proxies = trusted_proxies
-        self._always_dropped_folded = frozenset({fold_header_name(self.user_header), fold_header_name(self.key_header)})
+        always_dropped = {self.user_header, self.key_header}
+        if self.request_id_header is not None:
+            # The gateway sends its own request id, and a spelling such as
+            # `X_Request_ID` reaches some WSGI upstreams as the same header.
+            always_dropped.add(self.request_id_header)
+        self._always_dropped_folded = frozenset(fold_header_name(name) for name in always_dropped)
         self._untrusted_folded = frozenset(fold_header_name(name) for name in UNTRUSTED_FORWARDING_HEADERS)
         self._forwarded_folded = frozenset(fold_header_name(name) for name in FORWARDED_HEADERS)
         self._untrusted_dropped_folded = self._always_dropped_folded | self._untrusted_folded
         self._folded_names: dict[bytes, bytes] = {}
         # The gateway answers `Expect: 100-continue` itself when it reads the body.
         self._dropped_exact = HOP_BY_HOP_HEADERS | {b"host", b"expect"}
-        if self.request_id_header is not None:
-            # The gateway sends its own request id instead of the client's copies.
-            self._dropped_exact |= {self.request_id_header}
 
     def rewrite(
         self,

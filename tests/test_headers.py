@@ -57,3 +57,20 @@ def test_rewrite_replaces_client_request_ids() -> None:
 
     assert [value for name, value in rewritten if name == b"x-request-id"] == [b"gateway-id"]
     assert rewritten[-1] == (b"x-request-id", b"gateway-id")
+
+
+def test_rewrite_drops_request_id_spellings() -> None:
+    policy = RequestHeaderPolicy("X-Authenticated-User", "X-API-KEY", False, TrustedProxies([]), "X-Request-ID")
+    # Some WSGI and CGI upstreams read these as the request id header (see fold_header_name).
+    headers = [(b"x_request_id", b"forged, id"), (b"x.request.id", b"forged"), (b"accept", b"*/*")]
+
+    rewritten = policy.rewrite(headers, "127.0.0.1", "http", None, None, b"gateway-id")
+
+    assert [name for name, _ in rewritten] == [
+        b"accept",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    ]
+    assert rewritten[-1] == (b"x-request-id", b"gateway-id")
