@@ -26,6 +26,9 @@ DEFAULT_PORT = 8080
 # nginx's default large_client_header_buffers (4 buffers of 8 KiB) admits
 # about as much; uvicorn with httptools sets no limit at all.
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+# Largest `server.max_header_bytes` accepted. Under uvicorn the server
+# protocol rejects longer heads itself (`gateway.coalescing.MAX_HEAD_BYTES`).
+MAX_HEADER_BYTES_LIMIT = 64 * 1024
 DEFAULT_CACHE_TTL_SECONDS = 10.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 2.0
 DEFAULT_STORE_TIMEOUT_SECONDS = 2.0
@@ -49,6 +52,12 @@ def _positive(value: float) -> str | None:
     if not math.isfinite(value):
         return "must be a finite number"
     return None if value > 0 else "must be greater than 0"
+
+
+def _header_limit(value: int) -> str | None:
+    if value > MAX_HEADER_BYTES_LIMIT:
+        return f"must be at most {MAX_HEADER_BYTES_LIMIT}"
+    return _positive(value)
 
 
 def _not_negative(value: float) -> str | None:
@@ -130,7 +139,7 @@ class ServerConfig:
     server: str = _setting("uvicorn", _one_of("uvicorn", "granian"))
     workers: int = _setting(1, _positive)
     shutdown_timeout_seconds: float = _setting(10.0, _positive)
-    max_header_bytes: int = _setting(DEFAULT_MAX_HEADER_BYTES, _positive)
+    max_header_bytes: int = _setting(DEFAULT_MAX_HEADER_BYTES, _header_limit)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,3 +88,11 @@ def test_config_repr_masks_upstream_password() -> None:
 
     assert "upstream-password" not in repr(config)
     assert "http://svc:[secure]@127.0.0.1:8000" in repr(config)
+
+
+def test_config_rejects_header_limit_over_64_kib() -> None:
+    problems = problems_for(GATEWAY_SERVER_MAX_HEADER_BYTES="65537")
+
+    assert len(problems) == 1
+    assert "must be at most 65536" in problems[0]
+    assert problems_for(GATEWAY_SERVER_MAX_HEADER_BYTES="65536") == []
