@@ -28,7 +28,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.config import MAX_HEADER_BYTES_LIMIT
+from gateway.config import DEFAULT_SEND_TIMEOUT_SECONDS, MAX_HEADER_BYTES_LIMIT
 
 # Response heads and small bodies fit. Copying 16 KiB to join it with the next
 # write takes roughly a microsecond (an estimate), less than the 3 us per
@@ -206,10 +206,18 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     A request head longer than `MAX_HEAD_BYTES` gets 431 and the connection
     closes, or, behind a response still in progress, the connection closes
     after that response.
+
+    When a client reads so little that the transport's write buffer stays
+    full for `send_timeout` seconds, its connection is aborted, as nginx's
+    `send_timeout` does. uvicorn alone would wait forever, and a proxied
+    response would hold its upstream connection all that time.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, send_timeout: float = DEFAULT_SEND_TIMEOUT_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.send_timeout = send_timeout
+        # Armed while the transport's write buffer is full: the client is not reading.
+        self._send_timer: asyncio.TimerHandle | None = None
         # The event loop time when the connection last went idle, or None while a request is in progress.
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -263,6 +271,29 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        self._stop_send_timer()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._abort_stalled_client)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_timer()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _abort_stalled_client(self) -> None:
+        self._send_timer = None
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
+        self.logger.warning(
+            "Aborted the connection of %s: its response could not be written for %g s.", client, self.send_timeout
+        )
+        self.transport.abort()
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn calls this when bytes arrive, a response completes or the connection closes.

@@ -29,6 +29,8 @@ DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 # Largest `server.max_header_bytes` accepted. Under uvicorn the server
 # protocol rejects longer heads itself (`gateway.coalescing.MAX_HEAD_BYTES`).
 MAX_HEADER_BYTES_LIMIT = 64 * 1024
+# nginx's default `send_timeout`.
+DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 DEFAULT_CACHE_TTL_SECONDS = 10.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 2.0
 DEFAULT_STORE_TIMEOUT_SECONDS = 2.0
@@ -140,6 +142,7 @@ class ServerConfig:
     workers: int = _setting(1, _positive)
     shutdown_timeout_seconds: float = _setting(10.0, _positive)
     max_header_bytes: int = _setting(DEFAULT_MAX_HEADER_BYTES, _header_limit)
+    send_timeout_seconds: float = _setting(DEFAULT_SEND_TIMEOUT_SECONDS, _positive)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,9 +195,9 @@ class UpstreamProxy:
         # events, or ended by closing the connection), where long pauses
         # between chunks are normal, so it gets the longer read timeout.
         timeout = self.read_timeout if connection.has_content_length else self.stream_read_timeout
-        # NOTE: no timeout bounds `send` to a client that stops reading, so
-        # such a client keeps this upstream connection out of the pool until it
-        # disconnects, and `max_connections` of them starve every other request.
+        # NOTE: under granian, `server.send_timeout_seconds` does not apply, so
+        # a client that stops reading may keep this upstream connection out of
+        # the pool until it disconnects (not tested there).
         # A body that arrived with the headers is sent at once, so only a
         # body still on its way needs a watcher (one task per such request).
         watcher = None

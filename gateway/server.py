@@ -6,6 +6,7 @@ option measured by `bench/run.py`; the README lists what each server accepts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -76,8 +77,9 @@ def _run_uvicorn(config: Config, host: str, port: int, workers: int) -> None:
         workers=workers,
         loop="uvloop",
         # httptools, sending each small response in one socket write
-        # (gateway/coalescing.py). Spawned workers unpickle the class by name.
-        http=CoalescingHttpToolsProtocol,
+        # (gateway/coalescing.py). uvicorn calls `http` to make each
+        # connection's protocol, and spawned workers unpickle the partial.
+        http=functools.partial(CoalescingHttpToolsProtocol, send_timeout=config.server.send_timeout_seconds),  # type: ignore[arg-type]
         lifespan="on",
         # The gateway decides itself which peers may set forwarding headers.
         proxy_headers=False,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -9,8 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.coalescing import CoalescingHttpToolsProtocol
 from gateway.embedded import free_port
 from tests.support.faults import Handler, TcpServer, never_answer, reset_before_answer, reset_mid_body
+from tests.support.servers import ThreadedServer
 
 READ_TIMEOUT_SECONDS = 0.5
 
@@ -82,3 +87,48 @@ def test_proxy_reset_mid_body_cuts_connection(
     assert sample(gateway, "gateway_requests_total", {"outcome": "upstream_interrupted"}) == 1
     assert any("was cut, so the client connection is closed" in record.getMessage() for record in caplog.records)
     assert_healthy(gateway)
+
+
+STALLED_STREAM_BYTES = 256 * 1024 * 1024
+STALLED_CHUNK = b"x" * 65536
+
+
+async def endless_download(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    # `/big` streams 256 MiB in 64 KiB chunks; any other path answers at once.
+    if scope["type"] != "http":
+        return
+    if scope["path"] != "/big":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for _ in range(STALLED_STREAM_BYTES // len(STALLED_CHUNK)):
+        await send({"type": "http.response.body", "body": STALLED_CHUNK, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_proxy_stalled_reader_releases_upstream(make_config: Any, start_gateway: Any) -> None:
+    upstream = ThreadedServer(endless_download, lifespan="off").start()
+    try:
+        config = make_config(upstream.url, upstream__max_connections=1)
+        protocol = functools.partial(CoalescingHttpToolsProtocol, send_timeout=0.5)
+        gateway = start_gateway(config, http=protocol)
+
+        with socket.create_connection(("127.0.0.1", gateway.server.port), timeout=10) as stalled:
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            # The stalled client holds the only upstream connection until the
+            # gateway aborts it, and this request waits for it meanwhile.
+            started = time.monotonic()
+            answer = httpx.get(f"{gateway.url}/small", timeout=10)
+            waited = time.monotonic() - started
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := stalled.recv(1 << 20):
+                    received += len(chunk)
+    finally:
+        upstream.stop()
+
+    assert answer.status_code == 200
+    # The pool timeout is 5 s: the answer came once the stalled client was aborted.
+    assert waited < 5
+    assert received < STALLED_STREAM_BYTES // 2
