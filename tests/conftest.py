@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,8 +24,10 @@ from pymongo import monitoring
 from gateway.app import GatewayApp
 from gateway.coalescing import CoalescingHttpToolsProtocol
 from gateway.config import Config, load_config
-from gateway.embedded import EmbeddedStore
+from gateway.embedded import EmbeddedStore, free_port
 from gateway.tokens import display_prefix, generate_token, hash_token
+from tests.support.cli import REPOSITORY_ROOT
+from tests.support.serve import wait_until_healthy
 from tests.support.servers import ThreadedServer
 from tests.support.upstream import EchoUpstream
 
@@ -194,3 +198,42 @@ def seed_token(mongo: Any) -> Callable[..., tuple[str, dict[str, Any]]]:
 
 
 __all__ = ["CommandCounter", "RunningGateway", "hash_token"]
+
+
+@pytest.fixture
+def serve_gateway(mongodb_uri: str, database_name: str) -> Iterator[Callable[[str, str], int]]:
+    """Run `python -m gateway serve` with `server.server` set; return the port it listens on."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def serve(server: str, upstream_url: str) -> int:
+        port = free_port()
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
+        environment |= {
+            "PYTHONPATH": str(REPOSITORY_ROOT),
+            "GATEWAY_SERVER_SERVER": server,
+            "GATEWAY_TOKENS_SECRET": TEST_SECRET,
+            "GATEWAY_STORE_URI": mongodb_uri,
+            "GATEWAY_STORE_DATABASE": database_name,
+            "GATEWAY_UPSTREAM_URL": upstream_url,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
+        return port
+
+    yield serve
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

@@ -15,8 +15,6 @@ import hashlib
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
@@ -25,12 +23,8 @@ import pytest
 import uvloop
 
 from gateway.coalescing import MAX_HEAD_BYTES, MAX_HELD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
-from gateway.embedded import free_port
-from tests.conftest import TEST_SECRET
-from tests.support.cli import REPOSITORY_ROOT
 from tests.support.raw_upstream import read_response
 from tests.support.servers import ThreadedServer, raw_request
-from tests.test_server import wait_until_healthy
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -701,31 +695,9 @@ def scripted_upstream() -> Iterator[ThreadedServer]:
 
 
 @pytest.fixture
-def served_gateway(mongodb_uri: str, database_name: str, scripted_upstream: ThreadedServer) -> Iterator[int]:
-    """Run `python -m gateway serve` in front of the scripted upstream; yield its port."""
-    port = free_port()
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
-    environment |= {
-        "PYTHONPATH": str(REPOSITORY_ROOT),
-        "GATEWAY_TOKENS_SECRET": TEST_SECRET,
-        "GATEWAY_STORE_URI": mongodb_uri,
-        "GATEWAY_STORE_DATABASE": database_name,
-        "GATEWAY_UPSTREAM_URL": scripted_upstream.url,
-    }
-    command = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}", process)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+def served_gateway(serve_gateway: Callable[[str, str], int], scripted_upstream: ThreadedServer) -> int:
+    """Run `python -m gateway serve` under uvicorn in front of the scripted upstream; return its port."""
+    return serve_gateway("uvicorn", scripted_upstream.url)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import httpx
 from gateway.embedded import free_port
 from tests.conftest import TEST_SECRET
 from tests.support.cli import REPOSITORY_ROOT
-from tests.test_server import wait_until_healthy
+from tests.support.serve import wait_until_healthy
 
 
 def serve_environment(mongodb_uri: str, database_name: str, upstream_url: str) -> dict[str, str]:

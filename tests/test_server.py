@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,10 +18,9 @@ import pytest
 from gateway.embedded import free_port
 from tests.conftest import TEST_SECRET
 from tests.support.cli import REPOSITORY_ROOT, run_cli
+from tests.support.serve import wait_until_healthy
 from tests.support.servers import ThreadedServer, raw_request
 from tests.support.upstream import EchoUpstream, header_values
-
-START_TIMEOUT_SECONDS = 60.0
 
 
 def child_processes(parent: int) -> dict[int, str]:
@@ -39,20 +37,6 @@ def child_processes(parent: int) -> dict[int, str]:
         except (OSError, IndexError, ValueError):
             continue
     return children
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway serve exited with code {process.returncode}: {process.communicate()[1]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"gateway serve did not answer on {url} within {START_TIMEOUT_SECONDS:.0f} s.")
 
 
 def test_serve_two_workers_share_embedded_store(tmp_path: Path) -> None:
@@ -102,45 +86,6 @@ def h11_upstream() -> Iterator[tuple[EchoUpstream, ThreadedServer]]:
     server = ThreadedServer(app, http="h11").start()
     yield app, server
     server.stop()
-
-
-@pytest.fixture
-def serve_gateway(mongodb_uri: str, database_name: str) -> Iterator[Callable[[str, str], int]]:
-    """Run `python -m gateway serve` with `server.server` set; return the port it listens on."""
-    processes: list[subprocess.Popen[str]] = []
-
-    def serve(server: str, upstream_url: str) -> int:
-        port = free_port()
-        environment = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
-        environment |= {
-            "PYTHONPATH": str(REPOSITORY_ROOT),
-            "GATEWAY_SERVER_SERVER": server,
-            "GATEWAY_TOKENS_SECRET": TEST_SECRET,
-            "GATEWAY_STORE_URI": mongodb_uri,
-            "GATEWAY_STORE_DATABASE": database_name,
-            "GATEWAY_UPSTREAM_URL": upstream_url,
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        processes.append(process)
-        wait_until_healthy(f"http://127.0.0.1:{port}", process)
-        return port
-
-    yield serve
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "granian"])
