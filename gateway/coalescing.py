@@ -253,8 +253,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def _reject_large_head(self) -> None:
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
-        self.logger.warning("Rejected a request head of over %d bytes from %s with 431.", MAX_HEAD_BYTES, client)
+        self.logger.warning(
+            "Rejected a request head of over %d bytes from %s with 431.", MAX_HEAD_BYTES, self._client_label()
+        )
         if self.cycle is not None and not self.cycle.response_complete:
             # A pipelined head arrived behind a response still being sent. The
             # head is dropped unread and uvicorn closes the connection after that response.
@@ -289,11 +290,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _abort_stalled_client(self) -> None:
         self._send_timer = None
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
         self.logger.warning(
-            "Aborted the connection of %s: its response could not be written for %g s.", client, self.send_timeout
+            "Aborted the connection of %s: its response could not be written for %g s.",
+            self._client_label(),
+            self.send_timeout,
         )
         self.transport.abort()
+
+    def _client_label(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn calls this when bytes arrive, a response completes or the connection closes.

@@ -100,7 +100,9 @@ class LoopHistogram:
 class LoopMetric(Generic[ChildT, FamilyT]):
     """A metric's name, help text, and children, one per value of its one label or a single one without labels."""
 
-    def __init__(self, name: str, documentation: str, label_name: str | None, label_values: Sequence[str]) -> None:
+    def __init__(
+        self, name: str, documentation: str, label_name: str | None = None, label_values: Sequence[str] = ()
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.label_names = [label_name] if label_name else []
@@ -135,11 +137,6 @@ class LoopMetric(Generic[ChildT, FamilyT]):
 class CounterMetric(LoopMetric[LoopCounter, CounterMetricFamily]):
     """A counter, named without its `_total` suffix like prometheus_client's `Counter`."""
 
-    def __init__(
-        self, name: str, documentation: str, label_name: str | None = None, label_values: Sequence[str] = ()
-    ) -> None:
-        super().__init__(name, documentation, label_name, label_values)
-
     def new_child(self) -> LoopCounter:
         return LoopCounter()
 
@@ -152,11 +149,6 @@ class CounterMetric(LoopMetric[LoopCounter, CounterMetricFamily]):
 
 class GaugeMetric(LoopMetric[LoopGauge, GaugeMetricFamily]):
     """A gauge."""
-
-    def __init__(
-        self, name: str, documentation: str, label_name: str | None = None, label_values: Sequence[str] = ()
-    ) -> None:
-        super().__init__(name, documentation, label_name, label_values)
 
     def new_child(self) -> LoopGauge:
         return LoopGauge()

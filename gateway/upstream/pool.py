@@ -78,17 +78,13 @@ class ConnectionPool:
         if not self._idle:
             return None
         now = asyncio.get_running_loop().time()
-        if now - self._idle[-1][1] > self.idle_timeout:
-            # Even the most recently used connection expired, so all of them did.
-            self._close_idle()
-            return None
         self._close_expired(now)
         while self._idle:
             connection, idle_since = self._idle.pop()
             if connection.is_closed:
                 self._count -= 1
             elif now - idle_since > self.idle_timeout:
-                # Behind a newer connection that was closed: this one and every older one expired.
+                # Expired, so every older idle connection expired too.
                 connection.close()
                 self._count -= 1
                 self._close_idle()
