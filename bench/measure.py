@@ -90,11 +90,11 @@ def wait_until_quiet(
 ) -> float:
     """Wait until the CPUs stay under `busy_fraction` busy for `quiet_seconds`; return the seconds waited.
 
-    Work left over from a row would otherwise slow the next one: after a
-    burst of new keys, the gateway flushes usage records each second and the
-    store works on them for a few seconds, with idle gaps of about half a
-    second in between. Gives up after `timeout` seconds on a machine that
-    other jobs keep busy.
+    Work left over from a row would otherwise slow the next one. After a
+    burst of new keys, the gateway flushes usage records each second, and the
+    store works on them for a few seconds with idle gaps of about half a
+    second. Gives up after `timeout` seconds on a machine that other jobs
+    keep busy.
     """
     started = time.monotonic()
     quiet_since = started

@@ -187,7 +187,7 @@ class Authenticator:
         self.negative.pop(token_hash, None)
 
     def clear(self) -> None:
-        """Drop every cached answer; a lookup in flight then serves its request without caching its answer."""
+        """Drop every cached result. A lookup in flight still serves its request but caches nothing."""
         self._evictions += 1
         self.positive.clear()
         self.negative.clear()

@@ -70,13 +70,13 @@ class CoalescingTransport(asyncio.Transport):
     connection is lost. Every other method delegates to the real transport.
     """
 
-    __slots__ = ("_held", "_held_size", "_is_flush_scheduled", "_loop", "_transport")
+    __slots__ = ("_held_size", "_held_writes", "_is_flush_scheduled", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
-        self._held: list[bytes] = []
+        self._held_writes: list[bytes] = []
         self._held_size = 0
         self._is_flush_scheduled = False
 
@@ -89,12 +89,12 @@ class CoalescingTransport(asyncio.Transport):
 
         if self._held_size + size <= MAX_HELD_BYTES:
             # bytes() copies a bytearray or memoryview that the caller may reuse.
-            self._held.append(bytes(data))
+            self._held_writes.append(bytes(data))
             self._held_size += size
             self._schedule_flush()
             return
 
-        if not self._held:
+        if not self._held_writes:
             self._transport.write(data)
             return
 
@@ -105,7 +105,7 @@ class CoalescingTransport(asyncio.Transport):
             self._transport.writelines(pieces)
 
     def writelines(self, list_of_data: Iterable[WritableData]) -> None:
-        if not self._held:
+        if not self._held_writes:
             self._transport.writelines(list_of_data)
             return
 
@@ -114,7 +114,7 @@ class CoalescingTransport(asyncio.Transport):
 
     def flush(self) -> None:
         """Send the held bytes now in one write, or drop them if the transport is closing."""
-        if not self._held:
+        if not self._held_writes:
             return
 
         pieces = self._take_held()
@@ -148,8 +148,8 @@ class CoalescingTransport(asyncio.Transport):
         self.flush()
 
     def _take_held(self) -> list[bytes]:
-        pieces = self._held
-        self._held = []
+        pieces = self._held_writes
+        self._held_writes = []
         self._held_size = 0
         return pieces
 

@@ -85,7 +85,7 @@ class OwnerIndexedCache(TLRUCache[str, ValueT]):
         self._keys_by_owner.clear()
 
     def _unindex_stored(self, key: str) -> None:
-        # Cache.__contains__ also sees an expired entry that TLRUCache still stores.
+        # Cache.__contains__ also counts an expired entry that TLRUCache still stores.
         if Cache.__contains__(self, key):
             self._unindex(key, self.owner_of(Cache.__getitem__(self, key)))
 

@@ -601,7 +601,7 @@ def test_protocol_rejects_endless_head(scripted_servers: dict[str, ThreadedServe
         connection.sendall(b"GET /small HTTP/1.1\r\nHost: gateway\r\n")
         sent = 0
         try:
-            # The head never ends: the server must answer before it does.
+            # The head never ends, so the server must respond before it does.
             while sent <= 4 * MAX_HEAD_BYTES:
                 connection.sendall(header_line * 16)
                 sent += len(header_line) * 16
@@ -620,7 +620,7 @@ def test_protocol_rejects_endless_head(scripted_servers: dict[str, ThreadedServe
 
 
 def test_protocol_endless_head_behind_response(scripted_servers: dict[str, ThreadedServer]) -> None:
-    # The endless head arrives while /sleep is still being answered: that
+    # The endless head arrives while the response to /sleep is in progress: that
     # response is sent whole, then the connection closes without a 431.
     header_line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
     with socket.create_connection(("127.0.0.1", scripted_servers["coalescing"].port), timeout=5) as connection:

@@ -94,7 +94,7 @@ STALLED_CHUNK = b"x" * 65536
 
 
 async def endless_download(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    # `/big` streams 256 MiB in 64 KiB chunks; any other path answers at once.
+    # `/big` streams 256 MiB in 64 KiB chunks. Any other path responds at once.
     if scope["type"] != "http":
         return
     if scope["path"] != "/big":
@@ -116,7 +116,7 @@ def test_proxy_stalled_reader_releases_upstream(make_config: Any, start_gateway:
 
         with socket.create_connection(("127.0.0.1", gateway.server.port), timeout=10) as stalled:
             stalled.sendall(b"GET /big HTTP/1.1\r\nHost: gateway\r\n\r\n")
-            # The stalled client holds the only upstream connection until the
+            # The stalled client keeps the only upstream connection until the
             # gateway aborts it, and this request waits for it meanwhile.
             started = time.monotonic()
             answer = httpx.get(f"{gateway.url}/small", timeout=10)
@@ -129,6 +129,6 @@ def test_proxy_stalled_reader_releases_upstream(make_config: Any, start_gateway:
         upstream.stop()
 
     assert answer.status_code == 200
-    # The pool timeout is 5 s: the answer came once the stalled client was aborted.
+    # The pool timeout is 5 s, so the response came once the stalled client was aborted.
     assert waited < 5
     assert received < STALLED_STREAM_BYTES // 2

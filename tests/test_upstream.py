@@ -208,7 +208,7 @@ async def test_pool_connect_refused_unreachable() -> None:
 
 
 def _answer_after(delays: list[float]) -> Callable[[RawRequest, socket.socket], None]:
-    # The nth request on the upstream is answered after delays[n] seconds.
+    # The upstream responds to its nth request after delays[n] seconds.
     def handle(request: RawRequest, connection: socket.socket) -> None:
         time.sleep(delays.pop(0))
         ok_handler(request, connection)
